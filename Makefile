@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both set everything up).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch/torchvision: any release >= 2.6 works; on this project's machines pip resolves them
+# from local wheels. Override, e.g. TORCH_SPEC="torch==2.6.0 torchvision==0.21.0".
+TORCH_SPEC ?= torch torchvision
+MAX_JOBS ?= 2
+# torch guesses CUDA_HOME from an nvcc shim in /usr/local/bin; point it at the real toolkit.
+ifeq ($(CUDA_HOME),)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME := /usr/local/cuda
+endif
+endif
+export MAX_JOBS
+
+.PHONY: setup build test demo clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel ninja
+	$(PIP) install $(TORCH_SPEC) numpy pytest hypothesis
+	touch $@
+
+setup: $(VENV)/.deps
+
+# Rebuild the extension whenever a C++/CUDA source or the build script changes.
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q -ra
+
+demo: build
+	$(PY) -m mutex_attn.demo
+
+clean:
+	rm -rf build *.egg-info mutex_attn/*.so $(VENV)/.built

@@ -1,0 +1,80 @@
+"""Backend registry: which implementations exist, which can run on a device, and `"auto"`.
+
+A backend is a module with three functions, all taking validated, non-empty inputs:
+
+    mab(x, y) -> am
+    fab(am, y, gate) -> out                 # gate: the FAB's GateNetwork
+    mutex_attention(x, y, gate) -> out      # FAB(MAB(x, y), y)
+
+and `unavailable_reason(device) -> str | None` (None when it can run there).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# Fastest first: "auto" picks the first available one for the inputs' device.
+_MODULES = {
+    "native": "mutex_attn.backends.native",
+    "triton": "mutex_attn.backends.triton",
+    "reference": "mutex_attn.backends.reference",
+}
+_AUTO_ORDER = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}
+_HOW_TO_GET = {
+    "native": "build the C++ extension with `pip install --no-build-isolation -e .` "
+    "(add FORCE_CUDA=1 to build the CUDA kernels without a visible GPU)",
+    "triton": "install triton (`pip install triton`) and run on a CUDA GPU, "
+    "or set TRITON_INTERPRET=1 before importing to run the kernels on CPU (slow, for tests)",
+    "reference": "",
+}
+BACKEND_NAMES = tuple(sorted(_MODULES))
+
+_loaded: dict[str, ModuleType | str] = {}  # name -> module, or the import error text
+
+
+def _load(name: str) -> ModuleType | str:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as err:  # a missing or stale build: keep the reason for the error
+            _loaded[name] = f"it failed to import ({err})"
+    return _loaded[name]
+
+
+def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:
+    """Why backend `name` cannot run on `device`, or None when it can."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or 'auto'")
+    module = _load(name)
+    if isinstance(module, str):
+        return module
+    return module.unavailable_reason(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on `device`, e.g. ['native', 'reference'] on CPU."""
+    return sorted(name for name in _MODULES if unavailable_reason(name, device) is None)
+
+
+def resolve(backend: str, device: torch.device) -> ModuleType:
+    """The backend module to use for tensors on `device`; a clear error when it cannot run."""
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device) is None:
+                return _load(name)  # type: ignore[return-value]
+        raise AssertionError("the reference backend is always available")  # pragma: no cover
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend {backend!r} is not available on {device}: {reason}. "
+            f"To get it: {_HOW_TO_GET[backend]}. Available here: {available_backends(device)}."
+        )
+    return _load(backend)  # type: ignore[return-value]
+
+
+def check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in _MODULES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_NAMES} or 'auto'")
+    return backend

@@ -1,0 +1,40 @@
+"""The backend registry: what is available, what "auto" picks, and the error for the rest."""
+import types
+
+import pytest
+import torch
+
+import mutex_attn as ma
+from mutex_attn import backends
+
+
+def test_reference_is_always_available():
+    assert "reference" in ma.available_backends("cpu")
+    assert "reference" in ma.available_backends(torch.device("cpu"))
+    assert set(ma.available_backends("cpu")) <= set(ma.BACKEND_NAMES)
+
+
+def test_auto_picks_the_first_available_in_speed_order():
+    picked = backends.resolve("auto", torch.device("cpu"))
+    first = next(n for n in backends._AUTO_ORDER["cpu"] if n in ma.available_backends("cpu"))
+    assert picked is backends._load(first)
+
+
+def test_unavailable_backend_says_why_and_how(monkeypatch):
+    fake = types.SimpleNamespace(unavailable_reason=lambda device: "it was built without CUDA")
+    monkeypatch.setitem(backends._loaded, "native", fake)
+    assert "native" not in ma.available_backends("cpu")
+    with pytest.raises(RuntimeError) as info:
+        ma.mab(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), backend="native")
+    message = str(info.value)
+    assert "'native' is not available on cpu: it was built without CUDA" in message
+    assert "pip install --no-build-isolation -e ." in message and "FORCE_CUDA=1" in message
+    # "auto" quietly falls back to the next backend.
+    assert backends.resolve("auto", torch.device("cpu")) is not fake
+
+
+def test_import_failure_becomes_the_reason(monkeypatch):
+    monkeypatch.setitem(backends._MODULES, "native", "mutex_attn.no_such_module")
+    monkeypatch.setattr(backends, "_loaded", {})  # restored after the test
+    reason = backends.unavailable_reason("native", "cpu")
+    assert reason.startswith("it failed to import") and "no_such_module" in reason
