@@ -36,7 +36,9 @@ def get_extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in headers
+    # -fopenmp: at::parallel_for is OpenMP in headers. -ffp-contract=off: see sq_dist in
+    # csrc/row_math.h (an FMA across d − mu would break the softmax's overflow guard).
+    cxx = opt + ["-fopenmp", "-ffp-contract=off"]
     if not _flag("MUTEX_ATTN_PORTABLE") and not debug:
         cxx.append("-march=native")
     args = dict(

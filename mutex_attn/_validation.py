@@ -81,3 +81,12 @@ def check_gate(gate, like: torch.Tensor, name: str = "gate") -> None:
         raise ValueError(
             f"{name} must be on the feature maps' device {like.device}; got {gate.device}"
         )
+
+
+def check_gate_precision(features_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    """float64 features must meet a float64 gate network: no silent downcast (SPEC §4)."""
+    if features_dtype == torch.float64 and weight_dtype != torch.float64:
+        raise TypeError(
+            f"the features are float64 but the gate network's parameters are {weight_dtype}; "
+            "call .double() on the module to keep float64 precision"
+        )

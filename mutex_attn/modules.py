@@ -47,13 +47,8 @@ class GateNetwork(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         weight_dtype = self.fc1.weight.dtype
-        if v.dtype != weight_dtype:
-            if v.dtype == torch.float64:
-                raise TypeError(
-                    f"the pooled features are float64 but the gate network's parameters are "
-                    f"{weight_dtype}; call .double() on the module to keep float64 precision"
-                )
-            v = v.to(weight_dtype)  # e.g. float32 pooled stats into a half-precision module
+        check.check_gate_precision(v.dtype, weight_dtype)
+        v = v.to(weight_dtype)  # e.g. float32 pooled stats into a half-precision module
         z = torch.relu(self.bn1(self.fc1(v)))
         z = torch.relu(self.bn2(self.fc2(z)))
         return torch.sigmoid(self.fc_m(z) - self.fc_n(z))

@@ -1,0 +1,157 @@
+"""The fused MutexAttention autograd function, shared by every backend that has the four
+row kernels of SPEC §1 (native C++/CUDA now, Triton later):
+
+    forward   K1 stats(x, y) -> v, row_max, row_sum, argmax        (x, y read twice)
+              gate = G(v)                                          (tiny, plain tensor math)
+              K2 apply(x, y, gate, row stats) -> out               (x, y read, out written)
+    backward  K3 backward_stats(dout, x, y, ...) -> S1, Σdout·y, S2, am_k
+              dgate = S1 − Σdout·y; G's backward by hand -> dv and the parameter grads
+              K4 backward_apply(dout, x, y, gate, dv, ...) -> dx, dy
+
+Only x, y and O(N·C) row statistics are saved; d, A, am and mix are recomputed. The gate
+network's forward and backward are written out with plain tensor ops (no autograd inside
+backward), so torch.compile can trace the whole block. BatchNorm's running statistics are
+updated outside the autograd function, exactly as nn.BatchNorm1d would.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from mutex_attn._validation import check_gate, check_gate_precision
+from mutex_attn.reference import compute_dtype
+
+# Columns of K3's [N, C, 4] output; the same order as BackwardStat in csrc/row_math.h.
+S1, DOUT_Y, S2, AM_AT_MAX = range(4)
+
+
+def _bn_batch_stats(bn) -> bool:
+    """Whether a BatchNorm normalises with the batch (True) or its running statistics."""
+    return bn.training or bn.running_mean is None
+
+
+def _bn_forward(h, weight, bias, mean, var, eps, batch_stats):
+    if batch_stats:
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (h - mean) * rstd
+    return xhat * weight + bias, xhat, rstd, mean, var
+
+
+def _bn_backward(grad, xhat, rstd, weight, batch_stats):
+    dweight, dbias = (grad * xhat).sum(0), grad.sum(0)
+    dxhat = grad * weight
+    if batch_stats:
+        dxhat = dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0)
+    return dxhat * rstd, dweight, dbias
+
+
+def gate_forward(v, p, batch1, batch2, eps1, eps2):
+    """GateNetwork's forward on plain tensors. p: W1, g1, b1, rm1, rv1, W2, g2, b2, rm2, rv2,
+    Wm, bm, Wn, bn (all in v's dtype). Returns gate, what backward needs, and batch stats."""
+    b1, xhat1, rstd1, mean1, var1 = _bn_forward(v @ p.W1.T, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1)
+    r1 = torch.relu(b1)
+    b2, xhat2, rstd2, mean2, var2 = _bn_forward(r1 @ p.W2.T, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2)
+    z = torch.relu(b2)
+    gate = torch.sigmoid(z @ (p.Wm - p.Wn).T + (p.bm - p.bn))
+    saved = (xhat1, rstd1, b1, r1, xhat2, rstd2, b2, z)
+    return gate, saved, (mean1, var1, mean2, var2)
+
+
+def gate_backward(dgate, gate, v, p, saved, batch1, batch2):
+    """dv and the parameter grads (W1, g1, b1, W2, g2, b2, Wm, bm, Wn, bn) of gate_forward."""
+    xhat1, rstd1, b1, r1, xhat2, rstd2, b2, z = saved
+    dlogit = dgate * gate * (1 - gate)
+    dWm, dbm = dlogit.T @ z, dlogit.sum(0)
+    dz = dlogit @ (p.Wm - p.Wn)
+    dh2, dg2, db2 = _bn_backward(dz * (b2 > 0), xhat2, rstd2, p.g2, batch2)
+    dW2 = dh2.T @ r1
+    dh1, dg1, db1 = _bn_backward((dh2 @ p.W2) * (b1 > 0), xhat1, rstd1, p.g1, batch1)
+    dW1 = dh1.T @ v
+    dv = dh1 @ p.W1
+    return dv, (dW1, dg1, db1, dW2, dg2, db2, dWm, dbm, -dWm, -dbm)
+
+
+def _update_running_stats(bn, mean, var, n):
+    """What nn.BatchNorm1d does in training mode (unbiased variance, momentum or cumulative)."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        unbiased = var * (n / (n - 1))
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+_PARAM_NAMES = ("W1", "g1", "b1", "W2", "g2", "b2", "Wm", "bm", "Wn", "bn")
+_BUFFER_NAMES = ("rm1", "rv1", "rm2", "rv2")
+
+
+def make_fused_function(ops):
+    """An autograd.Function for MutexAttention over the kernels `ops` (stats, apply,
+    backward_stats, backward_apply)."""
+
+    class FusedMutexAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y, batch1, batch2, eps1, eps2, *tensors):
+            cd = compute_dtype(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                v, row_max, row_sum, argmax = ops.stats(x, y)
+                p = SimpleNamespace(**{
+                    n: (t.to(cd) if t is not None else None)
+                    for n, t in zip(_PARAM_NAMES + _BUFFER_NAMES, tensors)
+                })
+                gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+                out = ops.apply(x, y, gate, row_max, row_sum)
+            ctx.save_for_backward(x, y, v, gate, row_max, row_sum, argmax, *saved,
+                                  *(getattr(p, n) for n in _PARAM_NAMES))
+            ctx.batch = (batch1, batch2)
+            ctx.param_dtypes = [t.dtype for t in tensors[: len(_PARAM_NAMES)]]
+            ctx.mark_non_differentiable(*batch)
+            return (out, *batch)
+
+        @staticmethod
+        def backward(ctx, dout, *_):
+            x, y, v, gate, row_max, row_sum, argmax, *rest = ctx.saved_tensors
+            saved, params = rest[:8], rest[8:]
+            p = SimpleNamespace(**dict(zip(_PARAM_NAMES, params)))
+            with torch.autocast(x.device.type, enabled=False):
+                stats = ops.backward_stats(dout, x, y, row_max, row_sum, argmax)
+                dgate = stats[..., S1] - stats[..., DOUT_Y]
+                dv, dparams = gate_backward(dgate, gate, v, p, saved, *ctx.batch)
+                dx, dy = ops.backward_apply(dout, x, y, gate, dv, row_max, row_sum, argmax, stats)
+            dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
+            return (dx, dy, None, None, None, None, *dparams, *([None] * len(_BUFFER_NAMES)))
+
+    def mutex_attention(x, y, gate_net):
+        g = gate_net
+        check_gate_precision(x.dtype, g.fc1.weight.dtype)
+        batch1, batch2 = _bn_batch_stats(g.bn1), _bn_batch_stats(g.bn2)
+        if (batch1 or batch2) and x.shape[0] < 2:
+            raise ValueError(
+                "MutexAttention in training mode needs a batch of at least 2: the gate network's "
+                f"BatchNorm normalises over the batch; got x of shape {tuple(x.shape)}"
+            )
+        tensors = (
+            g.fc1.weight, g.bn1.weight, g.bn1.bias, g.fc2.weight, g.bn2.weight, g.bn2.bias,
+            g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
+            g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
+        )
+        out, mean1, var1, mean2, var2 = FusedMutexAttention.apply(
+            x, y, batch1, batch2, g.bn1.eps, g.bn2.eps, *tensors
+        )
+        _update_running_stats(g.bn1, mean1, var1, x.shape[0])
+        _update_running_stats(g.bn2, mean2, var2, x.shape[0])
+        return out
+
+    return mutex_attention
+
+
+def unfused_fab(pool, blend, am, y, gate_net):
+    """FAB from a pooling op and a blend op, with any gate network in between."""
+    v, _ = pool(am, y)
+    gate = gate_net(v)
+    check_gate(gate, am)
+    return blend(am, y, gate.to(v.dtype))

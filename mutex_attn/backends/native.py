@@ -1,0 +1,186 @@
+"""The "native" backend: the C++ extension mutex_attn._C (ops under torch.ops.mutex_attn).
+
+This module loads the extension and registers, for every op, its fake (meta) kernel and,
+for the differentiable ones, its autograd formula. The CPU and CUDA kernels themselves are
+registered in C++ (csrc/cpu, csrc/cuda).
+"""
+from __future__ import annotations
+
+import torch
+
+from mutex_attn.backends import fused
+from mutex_attn.modules import GateNetwork
+from mutex_attn.reference import compute_dtype
+
+try:
+    from mutex_attn import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as err:  # re-raised with what to do; the registry shows it as the reason
+    raise ImportError(
+        f"the C++ extension mutex_attn._C is not built or does not load ({err}); "
+        "rebuild it with `pip install --no-build-isolation -e .`"
+    ) from err
+
+_OPS = (
+    "mab_forward", "mab_backward", "fab_pool", "fab_pool_backward", "fab_blend",
+    "fab_blend_backward", "mutex_attention_stats", "mutex_attention_apply",
+    "mutex_attention_backward_stats", "mutex_attention_backward_apply",
+)
+_missing = [name for name in _OPS if not hasattr(torch.ops.mutex_attn, name)]
+if _missing:
+    raise ImportError(
+        f"the built extension mutex_attn._C is stale: it lacks {_missing}; "
+        "rebuild it with `pip install --no-build-isolation -e .`"
+    )
+
+ops = torch.ops.mutex_attn
+
+
+def _has_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mutex_attn::mab_forward", key
+    )
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if _has_kernel(device.type):
+        return None
+    if device.type == "cuda":
+        return ("the extension was built without CUDA kernels; rebuild with "
+                "`FORCE_CUDA=1 pip install --no-build-isolation -e .`")
+    return f"it has no kernels for device type {device.type!r}"
+
+
+# ------------------------------------------------------------------ fake (meta) kernels
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """The output layout of every kernel: channels_last stays channels_last on CUDA (no
+    hidden copy there); everything else is NCHW-contiguous."""
+    if (x.device.type == "cuda" and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+    return x.new_empty(x.shape)
+
+
+def _rows(x: torch.Tensor, *last: int, dtype=None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], *last), dtype=dtype or compute_dtype(x.dtype))
+
+
+@torch.library.register_fake("mutex_attn::mab_forward")
+def _(x, y):
+    return _like(x), _rows(x), _rows(x)
+
+
+@torch.library.register_fake("mutex_attn::mab_backward")
+def _(dam, x, y, row_max, row_sum):
+    return _like(x), _like(x)
+
+
+@torch.library.register_fake("mutex_attn::fab_pool")
+def _(am, y):
+    return _rows(am), _rows(am, dtype=torch.long)
+
+
+@torch.library.register_fake("mutex_attn::fab_pool_backward")
+def _(dv, argmax, like):
+    return like.new_empty(like.shape)
+
+
+@torch.library.register_fake("mutex_attn::fab_blend")
+def _(am, y, gate):
+    return _like(am)
+
+
+@torch.library.register_fake("mutex_attn::fab_blend_backward")
+def _(dout, am, y, gate):
+    return _like(am), _like(am), _rows(am)
+
+
+@torch.library.register_fake("mutex_attn::mutex_attention_stats")
+def _(x, y):
+    return _rows(x), _rows(x), _rows(x), _rows(x, dtype=torch.long)
+
+
+@torch.library.register_fake("mutex_attn::mutex_attention_apply")
+def _(x, y, gate, row_max, row_sum):
+    return _like(x)
+
+
+@torch.library.register_fake("mutex_attn::mutex_attention_backward_stats")
+def _(dout, x, y, row_max, row_sum, argmax):
+    return _rows(x, 4)
+
+
+@torch.library.register_fake("mutex_attn::mutex_attention_backward_apply")
+def _(dout, x, y, gate, dv, row_max, row_sum, argmax, backward_stats):
+    return _like(x), _like(x)
+
+
+# ------------------------------------------------------------------ autograd
+def _mab_setup(ctx, inputs, output):
+    x, y = inputs
+    _, row_max, row_sum = output
+    ctx.save_for_backward(x, y, row_max, row_sum)
+
+
+def _mab_backward(ctx, dam, _drow_max, _drow_sum):
+    x, y, row_max, row_sum = ctx.saved_tensors
+    if dam is None:
+        return None, None
+    return tuple(ops.mab_backward(dam, x, y, row_max, row_sum))
+
+
+torch.library.register_autograd("mutex_attn::mab_forward", _mab_backward, setup_context=_mab_setup)
+
+
+def _pool_setup(ctx, inputs, output):
+    am, _ = inputs
+    _, argmax = output
+    ctx.save_for_backward(am, argmax)
+
+
+def _pool_backward(ctx, dv, _dargmax):
+    am, argmax = ctx.saved_tensors
+    if dv is None:
+        return None, None
+    dmix = ops.fab_pool_backward(dv, argmax, am)  # ∂v/∂am = ∂v/∂y: mix = am + y
+    return dmix, dmix
+
+
+torch.library.register_autograd("mutex_attn::fab_pool", _pool_backward, setup_context=_pool_setup)
+
+
+def _blend_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _blend_backward(ctx, dout):
+    am, y, gate = ctx.saved_tensors
+    return tuple(ops.fab_blend_backward(dout, am, y, gate))
+
+
+torch.library.register_autograd("mutex_attn::fab_blend", _blend_backward, setup_context=_blend_setup)
+
+
+# ------------------------------------------------------------------ the backend interface
+def mab(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ops.mab_forward(x, y)[0]
+
+
+def fab(am: torch.Tensor, y: torch.Tensor, gate_net) -> torch.Tensor:
+    return fused.unfused_fab(ops.fab_pool, ops.fab_blend, am, y, gate_net)
+
+
+_fused_mutex_attention = fused.make_fused_function(
+    type("NativeKernels", (), {
+        "stats": staticmethod(ops.mutex_attention_stats),
+        "apply": staticmethod(ops.mutex_attention_apply),
+        "backward_stats": staticmethod(ops.mutex_attention_backward_stats),
+        "backward_apply": staticmethod(ops.mutex_attention_backward_apply),
+    })
+)
+
+
+def mutex_attention(x: torch.Tensor, y: torch.Tensor, gate_net) -> torch.Tensor:
+    if type(gate_net) is GateNetwork:  # the fused path knows exactly this gate network
+        return _fused_mutex_attention(x, y, gate_net)
+    return fab(mab(x, y), y, gate_net)  # a custom gate: MAB and FAB ops, autograd between
