@@ -17,29 +17,31 @@
 
 namespace mutex_attn {
 
-// e^x for the softmax, x = d − mu <= 0 (or NaN). A branch-free Cody–Waite reduction with the
-// Cephes polynomial (about 1 ulp); the CPU compiler vectorizes it, unlike std::exp. NaN stays
-// NaN and x below −87.3 gives exactly 0, as expf would.
+// e^x for the softmax, x = d − mu <= 0 (or NaN). On the host a branch-free Cody–Waite
+// reduction with the Cephes polynomial (about 1 ulp) that the compiler vectorizes, unlike
+// std::exp; explicit fmaf because host code is built with -ffp-contract=off (see sq_dist).
+// NaN stays NaN; x below −87.3 gives exactly 0, as expf would.
 MA_HD float exp_softmax(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
   const bool is_nan = x != x;
-  float xc = is_nan ? 0.0f : (x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x));
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  xc = is_nan ? 0.0f : xc;
+  // Round to nearest with the 1.5·2^23 trick (std::floor blocks GCC's vectorizer here).
+  float n = std::fmaf(xc, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  float r = std::fmaf(n, -0.693359375f, xc);
+  r = std::fmaf(n, 2.12194440e-4f, r);
+  float p = std::fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+  p = std::fmaf(p, r, 8.3334519073e-3f);
+  p = std::fmaf(p, r, 4.1665795894e-2f);
+  p = std::fmaf(p, r, 1.6666665459e-1f);
+  p = std::fmaf(p, r, 5.0000001201e-1f);
+  p = std::fmaf(p * r, r, r + 1.0f);
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
-  result = x < -87.3f ? 0.0f : result;
+  float result = x < -87.3f ? 0.0f : p * scale;
   return is_nan ? x : result;
 #endif
 }

@@ -17,6 +17,12 @@ from mutex_attn.modules import (
 
 __version__ = "0.1.0"
 
+# Load the C++ ops now (torch.ops.mutex_attn.*), so that they exist as soon as the package is
+# imported; a missing build is remembered as the reason the "native" backend is unavailable.
+from mutex_attn.backends import preload as _preload
+
+_preload()
+
 __all__ = [
     "BACKEND_NAMES",
     "FusionAttentionBlock",

@@ -13,6 +13,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -74,67 +75,305 @@ void for_rows(int64_t rows, int64_t length, const F& f) {
 template <typename scalar_t, typename acc_t>
 void softmax_stats(const scalar_t* x, const scalar_t* y, int64_t L, acc_t& mu, acc_t& z) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  _Pragma("omp simd reduction(max : m)")
+  #pragma omp simd reduction(max : m)
   for (int64_t l = 0; l < L; ++l) {
     acc_t d = sq_dist(acc_t(x[l]), acc_t(y[l]));
     m = d > m ? d : m;
   }
   acc_t s = 0;
-  _Pragma("omp simd reduction(+ : s)")
+  #pragma omp simd reduction(+ : s)
   for (int64_t l = 0; l < L; ++l) s += exp_softmax(sq_dist(acc_t(x[l]), acc_t(y[l])) - m);
   mu = m;
   z = s;
+}
+
+// The first position of `value` in a row (0 when absent: a NaN row, whose v is NaN anyway).
+// Chunks of 64 are tested with a vectorized OR before the scalar scan: a plain early-exit
+// loop stays scalar and cost as much as the rest of K1.
+template <typename acc_t>
+int64_t first_index_of(const acc_t* row, int64_t L, acc_t value) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t c = 0; c < L; c += kChunk) {
+    const int64_t end = std::min(L, c + kChunk);
+    int found = 0;
+#pragma omp simd reduction(| : found)
+    for (int64_t l = c; l < end; ++l) found |= row[l] == value;
+    if (found)
+      for (int64_t l = c; l < end; ++l)
+        if (row[l] == value) return l;
+  }
+  return 0;
 }
 
 // v = mean + max of a row already written to `mix`, and the first index of the max.
 template <typename acc_t>
 void pool_row(const acc_t* mix, int64_t L, acc_t& v, int64_t& k) {
   acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
-  _Pragma("omp simd reduction(+ : sum) reduction(max : best)")
+#pragma omp simd reduction(+ : sum) reduction(max : best)
   for (int64_t l = 0; l < L; ++l) {
     sum += mix[l];
     best = mix[l] > best ? mix[l] : best;
   }
-  k = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    if (mix[l] == best) {
-      k = l;
-      break;
-    }
-  }
+  k = first_index_of(mix, L, best);
   v = sum / acc_t(L) + best;  // NaN in the row reaches v through the sum
 }
 
-// ---------------------------------------------------------------- MAB
+// ---------------------------------------------------------------- row kernels
+// Each processes rows [r0, r1) of NCHW-contiguous data, L positions a row. They are plain
+// templates (not lambdas inside AT_DISPATCH) so that `#pragma omp simd` reaches the loops:
+// GCC misplaces _Pragma inside macro arguments, and the loops then stay scalar.
+#define MA_RESTRICT __restrict__
+
+template <typename scalar_t, typename acc_t>
+void mab_forward_rows(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y,
+                      scalar_t* MA_RESTRICT am, acc_t* mu_out, acc_t* z_out, int64_t L,
+                      int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t *xr = x + r * L, *yr = y + r * L;
+    scalar_t* out = am + r * L;
+    acc_t mu, z;
+    softmax_stats(xr, yr, L, mu, z);
+    const acc_t inv_z = acc_t(1) / z;
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l];
+      out[l] = static_cast<scalar_t>(attention<acc_t>(xr[l], yv, mu, inv_z) * yv);
+    }
+    mu_out[r] = mu;
+    z_out[r] = z;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void mab_backward_rows(const scalar_t* MA_RESTRICT dam, const scalar_t* MA_RESTRICT x,
+                       const scalar_t* MA_RESTRICT y, const acc_t* mu_in, const acc_t* z_in,
+                       scalar_t* MA_RESTRICT dx, scalar_t* MA_RESTRICT dy, int64_t L, int64_t r0,
+                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *xr = x + o, *yr = y + o, *gr = dam + o;
+    scalar_t *dxr = dx + o, *dyr = dy + o;
+    const acc_t mu = mu_in[r], inv_z = acc_t(1) / z_in[r];
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l];
+      s += attention<acc_t>(xr[l], yv, mu, inv_z) * acc_t(gr[l]) * yv;
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t xv = xr[l], yv = yr[l], ddx, ddy;
+      mab_backward_element<acc_t>(xv, yv, gr[l], attention<acc_t>(xv, yv, mu, inv_z), s, ddx, ddy);
+      dxr[l] = static_cast<scalar_t>(ddx);
+      dyr[l] = static_cast<scalar_t>(ddy);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fab_pool_rows(const scalar_t* MA_RESTRICT am, const scalar_t* MA_RESTRICT y, acc_t* v,
+                   int64_t* k, int64_t L, int64_t r0, int64_t r1) {
+  std::vector<acc_t> mix(L);
+  acc_t* MA_RESTRICT m = mix.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t *ar = am + r * L, *yr = y + r * L;
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) m[l] = acc_t(ar[l]) + acc_t(yr[l]);
+    pool_row(m, L, v[r], k[r]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fab_pool_backward_rows(const acc_t* dv, const int64_t* k, scalar_t* MA_RESTRICT dmix,
+                            int64_t L, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t mean_grad = dv[r] / acc_t(L);
+    const scalar_t fill = static_cast<scalar_t>(mean_grad);
+    scalar_t* out = dmix + r * L;
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) out[l] = fill;
+    out[k[r]] = static_cast<scalar_t>(mean_grad + dv[r]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fab_blend_rows(const scalar_t* MA_RESTRICT am, const scalar_t* MA_RESTRICT y,
+                    const acc_t* gate, scalar_t* MA_RESTRICT out, int64_t L, int64_t r0,
+                    int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *ar = am + o, *yr = y + o;
+    scalar_t* outr = out + o;
+    const acc_t g = gate[r];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l];
+      outr[l] = static_cast<scalar_t>(yv + g * (acc_t(ar[l]) - yv));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fab_blend_backward_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT am,
+                             const scalar_t* MA_RESTRICT y, const acc_t* gate,
+                             scalar_t* MA_RESTRICT dam, scalar_t* MA_RESTRICT dy, acc_t* dgate,
+                             int64_t L, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *gr = dout + o, *ar = am + o, *yr = y + o;
+    scalar_t *damr = dam + o, *dyr = dy + o;
+    const acc_t g = gate[r];
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t go = gr[l];
+      sum += go * (acc_t(ar[l]) - acc_t(yr[l]));
+      damr[l] = static_cast<scalar_t>(g * go);
+      dyr[l] = static_cast<scalar_t>((acc_t(1) - g) * go);
+    }
+    dgate[r] = sum;
+  }
+}
+
+// K1: per row mu (sweep 1), e = e^(d − mu) and Z (sweep 2, e kept in a row buffer), then
+// mix = y + y·e/Z for v = mean + max and k (sweep 3, no exp). One exp per element.
+template <typename scalar_t, typename acc_t>
+void stats_rows(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, acc_t* v,
+                acc_t* mu_out, acc_t* z_out, int64_t* k, int64_t L, int64_t r0, int64_t r1) {
+  std::vector<acc_t> buffer(L);
+  acc_t* MA_RESTRICT e = buffer.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t *xr = x + r * L, *yr = y + r * L;
+    acc_t mu = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mu)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t d = sq_dist(acc_t(xr[l]), acc_t(yr[l]));
+      mu = d > mu ? d : mu;
+    }
+    acc_t z = 0;
+#pragma omp simd reduction(+ : z)
+    for (int64_t l = 0; l < L; ++l) {
+      e[l] = exp_softmax(sq_dist(acc_t(xr[l]), acc_t(yr[l])) - mu);
+      z += e[l];
+    }
+    const acc_t inv_z = acc_t(1) / z;
+    acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(+ : sum) reduction(max : best)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l];
+      acc_t mix = e[l] * inv_z * yv + yv;
+      e[l] = mix;
+      sum += mix;
+      best = mix > best ? mix : best;
+    }
+    k[r] = first_index_of(e, L, best);
+    v[r] = sum / acc_t(L) + best;  // NaN in the row reaches v through the sum
+    mu_out[r] = mu;
+    z_out[r] = z;
+  }
+}
+
+// K2: out = y + g (A·y − y).
+template <typename scalar_t, typename acc_t>
+void apply_rows(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, const acc_t* gate,
+                const acc_t* mu_in, const acc_t* z_in, scalar_t* MA_RESTRICT out, int64_t L,
+                int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *xr = x + o, *yr = y + o;
+    scalar_t* outr = out + o;
+    const acc_t g = gate[r], mu = mu_in[r], inv_z = acc_t(1) / z_in[r];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l];
+      acc_t a = attention<acc_t>(xr[l], yv, mu, inv_z);
+      outr[l] = static_cast<scalar_t>(yv + g * (a * yv - yv));
+    }
+  }
+}
+
+// K3: the row scalars of BackwardStat (S1, Σ dout·y, S2, A_k·y_k).
+template <typename scalar_t, typename acc_t>
+void backward_stats_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT x,
+                         const scalar_t* MA_RESTRICT y, const acc_t* mu_in, const acc_t* z_in,
+                         const int64_t* k, acc_t* stats, int64_t L, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *gr = dout + o, *xr = x + o, *yr = y + o;
+    const acc_t mu = mu_in[r], inv_z = acc_t(1) / z_in[r];
+    acc_t s1 = 0, dout_y = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, dout_y, s2)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t yv = yr[l], go = gr[l];
+      acc_t am = attention<acc_t>(xr[l], yv, mu, inv_z) * yv;
+      s1 += am * go;
+      dout_y += go * yv;
+      s2 += am;
+    }
+    acc_t* row = stats + r * kNumBackwardStats;
+    row[kS1] = s1;
+    row[kDoutY] = dout_y;
+    row[kS2] = s2;
+    row[kAmAtMax] = attention<acc_t>(xr[k[r]], yr[k[r]], mu, inv_z) * acc_t(yr[k[r]]);
+  }
+}
+
+// K4: dx, dy in one sweep, from the K3 scalars and dv (from the gate network's backward).
+template <typename scalar_t, typename acc_t>
+inline void backward_apply_element(const scalar_t* x, const scalar_t* y, const scalar_t* dout,
+                                   scalar_t* dx, scalar_t* dy, int64_t l, acc_t mu, acc_t inv_z,
+                                   acc_t g, acc_t pool_grad, acc_t s) {
+  acc_t xv = x[l], yv = y[l], ddx, ddy;
+  mutex_backward_element<acc_t>(xv, yv, dout[l], attention<acc_t>(xv, yv, mu, inv_z), g,
+                                pool_grad, s, ddx, ddy);
+  dx[l] = static_cast<scalar_t>(ddx);
+  dy[l] = static_cast<scalar_t>(ddy);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_apply_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT x,
+                         const scalar_t* MA_RESTRICT y, const acc_t* gate, const acc_t* dv,
+                         const acc_t* mu_in, const acc_t* z_in, const int64_t* k,
+                         const acc_t* stats, scalar_t* MA_RESTRICT dx, scalar_t* MA_RESTRICT dy,
+                         int64_t L, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * L;
+    const scalar_t *gr = dout + o, *xr = x + o, *yr = y + o;
+    scalar_t *dxr = dx + o, *dyr = dy + o;
+    const acc_t* st = stats + r * kNumBackwardStats;
+    const acc_t g = gate[r], dvr = dv[r], mean_grad = dvr / acc_t(L);
+    const acc_t mu = mu_in[r], inv_z = acc_t(1) / z_in[r];
+    const acc_t s = g * st[kS1] + mean_grad * st[kS2] + dvr * st[kAmAtMax];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l)
+      backward_apply_element(xr, yr, gr, dxr, dyr, l, mu, inv_z, g, mean_grad, s);
+    // The max also routes dv to the first argmax position.
+    backward_apply_element(xr, yr, gr, dxr, dyr, k[r], mu, inv_z, g, mean_grad + dvr, s);
+  }
+}
+
+// ---------------------------------------------------------------- ops
+#define MA_DISPATCH(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name, __VA_ARGS__)
+
+template <typename T>
+const T* in(const Tensor& t) { return t.const_data_ptr<T>(); }
+template <typename T>
+T* out(Tensor& t) { return t.mutable_data_ptr<T>(); }
+
 std::tuple<Tensor, Tensor, Tensor> mab_forward(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
   auto acc = acc_type(x.t);
-  Tensor am = at::empty_like(x.t), mu_t = per_row(x.t, acc), z_t = per_row(x.t, acc);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mab_forward", [&] {
+  Tensor am = at::empty_like(x.t), mu = per_row(x.t, acc), z = per_row(x.t, acc);
+  MA_DISPATCH(x.t, "mab_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>();
-    scalar_t* ap = am.mutable_data_ptr<scalar_t>();
-    acc_t *mup = mu_t.mutable_data_ptr<acc_t>(), *zp = z_t.mutable_data_ptr<acc_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t *xr = xp + r * L, *yr = yp + r * L;
-        acc_t mu, z;
-        softmax_stats(xr, yr, L, mu, z);
-        const acc_t inv_z = acc_t(1) / z;
-        scalar_t* out = ap + r * L;
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yr[l];
-          out[l] = static_cast<scalar_t>(attention<acc_t>(xr[l], yv, mu, inv_z) * yv);
-        }
-        mup[r] = mu;
-        zp[r] = z;
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      mab_forward_rows<scalar_t, acc_t>(in<scalar_t>(x.t), in<scalar_t>(y.t), out<scalar_t>(am),
+                                        out<acc_t>(mu), out<acc_t>(z), x.length, r0, r1);
     });
   });
-  return {am, mu_t, z_t};
+  return {am, mu, z};
 }
 
 std::tuple<Tensor, Tensor> mab_backward(const Tensor& dam_in, const Tensor& x_in,
@@ -144,80 +383,44 @@ std::tuple<Tensor, Tensor> mab_backward(const Tensor& dam_in, const Tensor& x_in
   check_same(dam_in, x_in, "dam", "x");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dam = as_rows(dam_in, "dam");
   auto acc = acc_type(x.t);
-  Tensor mu_t = row_tensor(mu_in, x.t, acc, "row_max"), z_t = row_tensor(z_in, x.t, acc, "row_sum");
+  Tensor mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum");
   Tensor dx = at::empty_like(x.t), dy = at::empty_like(x.t);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mab_backward", [&] {
+  MA_DISPATCH(x.t, "mab_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>(),
-                   *gp = dam.t.const_data_ptr<scalar_t>();
-    scalar_t *dxp = dx.mutable_data_ptr<scalar_t>(), *dyp = dy.mutable_data_ptr<scalar_t>();
-    const acc_t *mup = mu_t.const_data_ptr<acc_t>(), *zp = z_t.const_data_ptr<acc_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * L;
-        const acc_t mu = mup[r], inv_z = acc_t(1) / zp[r];
-        acc_t s = 0;
-        _Pragma("omp simd reduction(+ : s)")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yp[o + l];
-          s += attention<acc_t>(xp[o + l], yv, mu, inv_z) * acc_t(gp[o + l]) * yv;
-        }
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t xv = xp[o + l], yv = yp[o + l], ddx, ddy;
-          mab_backward_element<acc_t>(xv, yv, gp[o + l], attention<acc_t>(xv, yv, mu, inv_z), s, ddx, ddy);
-          dxp[o + l] = static_cast<scalar_t>(ddx);
-          dyp[o + l] = static_cast<scalar_t>(ddy);
-        }
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      mab_backward_rows<scalar_t, acc_t>(in<scalar_t>(dam.t), in<scalar_t>(x.t), in<scalar_t>(y.t),
+                                         in<acc_t>(mu), in<acc_t>(z), out<scalar_t>(dx),
+                                         out<scalar_t>(dy), x.length, r0, r1);
     });
   });
   return {dx, dy};
 }
 
-// ---------------------------------------------------------------- FAB pieces
 std::tuple<Tensor, Tensor> fab_pool(const Tensor& am_in, const Tensor& y_in) {
   check_same(am_in, y_in, "am", "y");
   auto am = as_rows(am_in, "am"), y = as_rows(y_in, "y");
   TORCH_CHECK(am.length > 0 || am.rows == 0, "mutex_attn: fab_pool needs H·W >= 1");
-  Tensor v = per_row(am.t, acc_type(am.t)), k_t = per_row(am.t, at::kLong);
-  const int64_t L = am.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.t.scalar_type(), "fab_pool", [&] {
+  Tensor v = per_row(am.t, acc_type(am.t)), k = per_row(am.t, at::kLong);
+  MA_DISPATCH(am.t, "fab_pool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *ap = am.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>();
-    acc_t* vp = v.mutable_data_ptr<acc_t>();
-    int64_t* kp = k_t.mutable_data_ptr<int64_t>();
-    for_rows(am.rows, L, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> mix(L);
-      for (int64_t r = r0; r < r1; ++r) {
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) mix[l] = acc_t(ap[r * L + l]) + acc_t(yp[r * L + l]);
-        pool_row(mix.data(), L, vp[r], kp[r]);
-      }
+    for_rows(am.rows, am.length, [&](int64_t r0, int64_t r1) {
+      fab_pool_rows<scalar_t, acc_t>(in<scalar_t>(am.t), in<scalar_t>(y.t), out<acc_t>(v),
+                                     out<int64_t>(k), am.length, r0, r1);
     });
   });
-  return {v, k_t};
+  return {v, k};
 }
 
 Tensor fab_pool_backward(const Tensor& dv_in, const Tensor& k_in, const Tensor& like) {
   auto acc = acc_type(like);
-  Tensor dv = row_tensor(dv_in, like, acc, "dv"), k_t = row_tensor(k_in, like, at::kLong, "argmax");
+  Tensor dv = row_tensor(dv_in, like, acc, "dv"), k = row_tensor(k_in, like, at::kLong, "argmax");
   const int64_t rows = like.size(0) * like.size(1), L = like.size(2) * like.size(3);
   Tensor dmix = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "fab_pool_backward", [&] {
+  MA_DISPATCH(like, "fab_pool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* dvp = dv.const_data_ptr<acc_t>();
-    const int64_t* kp = k_t.const_data_ptr<int64_t>();
-    scalar_t* out = dmix.mutable_data_ptr<scalar_t>();
     for_rows(rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t mean_grad = dvp[r] / acc_t(L);
-        const scalar_t fill = static_cast<scalar_t>(mean_grad);
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) out[r * L + l] = fill;
-        out[r * L + kp[r]] = static_cast<scalar_t>(mean_grad + dvp[r]);
-      }
+      fab_pool_backward_rows<scalar_t, acc_t>(in<acc_t>(dv), in<int64_t>(k), out<scalar_t>(dmix),
+                                              L, r0, r1);
     });
   });
   return dmix;
@@ -227,25 +430,15 @@ Tensor fab_blend(const Tensor& am_in, const Tensor& y_in, const Tensor& gate_in)
   check_same(am_in, y_in, "am", "y");
   auto am = as_rows(am_in, "am"), y = as_rows(y_in, "y");
   Tensor gate = row_tensor(gate_in, am.t, acc_type(am.t), "gate");
-  Tensor out = at::empty_like(am.t);
-  const int64_t L = am.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.t.scalar_type(), "fab_blend", [&] {
+  Tensor result = at::empty_like(am.t);
+  MA_DISPATCH(am.t, "fab_blend", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *ap = am.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>();
-    const acc_t* gp = gate.const_data_ptr<acc_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for_rows(am.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t g = gp[r];
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yp[r * L + l];
-          op[r * L + l] = static_cast<scalar_t>(yv + g * (acc_t(ap[r * L + l]) - yv));
-        }
-      }
+    for_rows(am.rows, am.length, [&](int64_t r0, int64_t r1) {
+      fab_blend_rows<scalar_t, acc_t>(in<scalar_t>(am.t), in<scalar_t>(y.t), in<acc_t>(gate),
+                                      out<scalar_t>(result), am.length, r0, r1);
     });
   });
-  return out;
+  return result;
 }
 
 std::tuple<Tensor, Tensor, Tensor> fab_blend_backward(const Tensor& dout_in, const Tensor& am_in,
@@ -256,146 +449,73 @@ std::tuple<Tensor, Tensor, Tensor> fab_blend_backward(const Tensor& dout_in, con
   auto acc = acc_type(am.t);
   Tensor gate = row_tensor(gate_in, am.t, acc, "gate");
   Tensor dam = at::empty_like(am.t), dy = at::empty_like(am.t), dgate = per_row(am.t, acc);
-  const int64_t L = am.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, am.t.scalar_type(), "fab_blend_backward", [&] {
+  MA_DISPATCH(am.t, "fab_blend_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *ap = am.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>(),
-                   *gp = dout.t.const_data_ptr<scalar_t>();
-    const acc_t* gate_p = gate.const_data_ptr<acc_t>();
-    scalar_t *damp = dam.mutable_data_ptr<scalar_t>(), *dyp = dy.mutable_data_ptr<scalar_t>();
-    acc_t* dgp = dgate.mutable_data_ptr<acc_t>();
-    for_rows(am.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t g = gate_p[r];
-        acc_t sum = 0;
-        _Pragma("omp simd reduction(+ : sum)")
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t i = r * L + l;
-          acc_t go = gp[i];
-          sum += go * (acc_t(ap[i]) - acc_t(yp[i]));
-          damp[i] = static_cast<scalar_t>(g * go);
-          dyp[i] = static_cast<scalar_t>((acc_t(1) - g) * go);
-        }
-        dgp[r] = sum;
-      }
+    for_rows(am.rows, am.length, [&](int64_t r0, int64_t r1) {
+      fab_blend_backward_rows<scalar_t, acc_t>(
+          in<scalar_t>(dout.t), in<scalar_t>(am.t), in<scalar_t>(y.t), in<acc_t>(gate),
+          out<scalar_t>(dam), out<scalar_t>(dy), out<acc_t>(dgate), am.length, r0, r1);
     });
   });
   return {dam, dy, dgate};
 }
 
-// ---------------------------------------------------------------- fused MutexAttention
-// K1: per row mu, Z (sweeps 1–2), then mix = y (1 + A) for v = mean + max and k (sweep 3).
 std::tuple<Tensor, Tensor, Tensor, Tensor> mutex_attention_stats(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
   TORCH_CHECK(x.length > 0 || x.rows == 0, "mutex_attn: mutex_attention needs H·W >= 1");
   auto acc = acc_type(x.t);
-  Tensor v = per_row(x.t, acc), mu_t = per_row(x.t, acc), z_t = per_row(x.t, acc),
-         k_t = per_row(x.t, at::kLong);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mutex_attention_stats", [&] {
+  Tensor v = per_row(x.t, acc), mu = per_row(x.t, acc), z = per_row(x.t, acc),
+         k = per_row(x.t, at::kLong);
+  MA_DISPATCH(x.t, "mutex_attention_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>();
-    acc_t *vp = v.mutable_data_ptr<acc_t>(), *mup = mu_t.mutable_data_ptr<acc_t>(),
-          *zp = z_t.mutable_data_ptr<acc_t>();
-    int64_t* kp = k_t.mutable_data_ptr<int64_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> mix(L);
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t *xr = xp + r * L, *yr = yp + r * L;
-        acc_t mu, z;
-        softmax_stats(xr, yr, L, mu, z);
-        const acc_t inv_z = acc_t(1) / z;
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yr[l];
-          mix[l] = attention<acc_t>(xr[l], yv, mu, inv_z) * yv + yv;
-        }
-        pool_row(mix.data(), L, vp[r], kp[r]);
-        mup[r] = mu;
-        zp[r] = z;
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      stats_rows<scalar_t, acc_t>(in<scalar_t>(x.t), in<scalar_t>(y.t), out<acc_t>(v),
+                                  out<acc_t>(mu), out<acc_t>(z), out<int64_t>(k), x.length, r0, r1);
     });
   });
-  return {v, mu_t, z_t, k_t};
+  return {v, mu, z, k};
 }
 
-// K2: out = y + g (A·y − y).
 Tensor mutex_attention_apply(const Tensor& x_in, const Tensor& y_in, const Tensor& gate_in,
                              const Tensor& mu_in, const Tensor& z_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
   auto acc = acc_type(x.t);
-  Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), mu_t = row_tensor(mu_in, x.t, acc, "row_max"),
-         z_t = row_tensor(z_in, x.t, acc, "row_sum");
-  Tensor out = at::empty_like(x.t);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mutex_attention_apply", [&] {
+  Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), mu = row_tensor(mu_in, x.t, acc, "row_max"),
+         z = row_tensor(z_in, x.t, acc, "row_sum");
+  Tensor result = at::empty_like(x.t);
+  MA_DISPATCH(x.t, "mutex_attention_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>();
-    const acc_t *gp = gate.const_data_ptr<acc_t>(), *mup = mu_t.const_data_ptr<acc_t>(),
-                *zp = z_t.const_data_ptr<acc_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * L;
-        const acc_t g = gp[r], mu = mup[r], inv_z = acc_t(1) / zp[r];
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yp[o + l];
-          acc_t am = attention<acc_t>(xp[o + l], yv, mu, inv_z) * yv;
-          op[o + l] = static_cast<scalar_t>(yv + g * (am - yv));
-        }
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      apply_rows<scalar_t, acc_t>(in<scalar_t>(x.t), in<scalar_t>(y.t), in<acc_t>(gate),
+                                  in<acc_t>(mu), in<acc_t>(z), out<scalar_t>(result), x.length,
+                                  r0, r1);
     });
   });
-  return out;
+  return result;
 }
 
-// K3: the row scalars of BackwardStat (S1, Σ dout·y, S2, A_k·y_k).
 Tensor mutex_attention_backward_stats(const Tensor& dout_in, const Tensor& x_in, const Tensor& y_in,
                                       const Tensor& mu_in, const Tensor& z_in, const Tensor& k_in) {
   check_same(x_in, y_in, "x", "y");
   check_same(dout_in, x_in, "dout", "x");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
   auto acc = acc_type(x.t);
-  Tensor mu_t = row_tensor(mu_in, x.t, acc, "row_max"), z_t = row_tensor(z_in, x.t, acc, "row_sum"),
-         k_t = row_tensor(k_in, x.t, at::kLong, "argmax");
+  Tensor mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),
+         k = row_tensor(k_in, x.t, at::kLong, "argmax");
   Tensor stats = per_row(x.t, acc, kNumBackwardStats);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mutex_attention_backward_stats", [&] {
+  MA_DISPATCH(x.t, "mutex_attention_backward_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>(),
-                   *gp = dout.t.const_data_ptr<scalar_t>();
-    const acc_t *mup = mu_t.const_data_ptr<acc_t>(), *zp = z_t.const_data_ptr<acc_t>();
-    const int64_t* kp = k_t.const_data_ptr<int64_t>();
-    acc_t* sp = stats.mutable_data_ptr<acc_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * L;
-        const acc_t mu = mup[r], inv_z = acc_t(1) / zp[r];
-        acc_t s1 = 0, dout_y = 0, s2 = 0;
-        _Pragma("omp simd reduction(+ : s1, dout_y, s2)")
-        for (int64_t l = 0; l < L; ++l) {
-          acc_t yv = yp[o + l], go = gp[o + l];
-          acc_t am = attention<acc_t>(xp[o + l], yv, mu, inv_z) * yv;
-          s1 += am * go;
-          dout_y += go * yv;
-          s2 += am;
-        }
-        const int64_t k = o + kp[r];
-        acc_t* row = sp + r * kNumBackwardStats;
-        row[kS1] = s1;
-        row[kDoutY] = dout_y;
-        row[kS2] = s2;
-        row[kAmAtMax] = attention<acc_t>(xp[k], yp[k], mu, inv_z) * acc_t(yp[k]);
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      backward_stats_rows<scalar_t, acc_t>(in<scalar_t>(dout.t), in<scalar_t>(x.t),
+                                           in<scalar_t>(y.t), in<acc_t>(mu), in<acc_t>(z),
+                                           in<int64_t>(k), out<acc_t>(stats), x.length, r0, r1);
     });
   });
   return stats;
 }
 
-// K4: dx, dy in one sweep, from the K3 scalars and dv (the gate network's backward).
 std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
     const Tensor& dout_in, const Tensor& x_in, const Tensor& y_in, const Tensor& gate_in,
     const Tensor& dv_in, const Tensor& mu_in, const Tensor& z_in, const Tensor& k_in,
@@ -405,38 +525,17 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
   auto acc = acc_type(x.t);
   Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), dv = row_tensor(dv_in, x.t, acc, "dv"),
-         mu_t = row_tensor(mu_in, x.t, acc, "row_max"), z_t = row_tensor(z_in, x.t, acc, "row_sum"),
-         k_t = row_tensor(k_in, x.t, at::kLong, "argmax"),
+         mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),
+         k = row_tensor(k_in, x.t, at::kLong, "argmax"),
          stats = row_tensor(stats_in, x.t, acc, "backward_stats", kNumBackwardStats);
   Tensor dx = at::empty_like(x.t), dy = at::empty_like(x.t);
-  const int64_t L = x.length;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.t.scalar_type(), "mutex_attention_backward_apply", [&] {
+  MA_DISPATCH(x.t, "mutex_attention_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *xp = x.t.const_data_ptr<scalar_t>(), *yp = y.t.const_data_ptr<scalar_t>(),
-                   *gp = dout.t.const_data_ptr<scalar_t>();
-    const acc_t *gate_p = gate.const_data_ptr<acc_t>(), *dvp = dv.const_data_ptr<acc_t>(),
-                *mup = mu_t.const_data_ptr<acc_t>(), *zp = z_t.const_data_ptr<acc_t>(),
-                *sp = stats.const_data_ptr<acc_t>();
-    const int64_t* kp = k_t.const_data_ptr<int64_t>();
-    scalar_t *dxp = dx.mutable_data_ptr<scalar_t>(), *dyp = dy.mutable_data_ptr<scalar_t>();
-    for_rows(x.rows, L, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t o = r * L;
-        const acc_t* st = sp + r * kNumBackwardStats;
-        const acc_t g = gate_p[r], dvr = dvp[r], mean_grad = dvr / acc_t(L);
-        const acc_t mu = mup[r], inv_z = acc_t(1) / zp[r];
-        const acc_t s = g * st[kS1] + mean_grad * st[kS2] + dvr * st[kAmAtMax];
-        auto element = [&](int64_t i, acc_t pool_grad) {
-          acc_t xv = xp[i], yv = yp[i], ddx, ddy;
-          mutex_backward_element<acc_t>(xv, yv, gp[i], attention<acc_t>(xv, yv, mu, inv_z), g,
-                                        pool_grad, s, ddx, ddy);
-          dxp[i] = static_cast<scalar_t>(ddx);
-          dyp[i] = static_cast<scalar_t>(ddy);
-        };
-        _Pragma("omp simd")
-        for (int64_t l = 0; l < L; ++l) element(o + l, mean_grad);
-        element(o + kp[r], mean_grad + dvr);  // the max also routes dv to the first argmax
-      }
+    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
+      backward_apply_rows<scalar_t, acc_t>(
+          in<scalar_t>(dout.t), in<scalar_t>(x.t), in<scalar_t>(y.t), in<acc_t>(gate),
+          in<acc_t>(dv), in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k), in<acc_t>(stats),
+          out<scalar_t>(dx), out<scalar_t>(dy), x.length, r0, r1);
     });
   });
   return {dx, dy};

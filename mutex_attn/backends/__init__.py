@@ -43,6 +43,11 @@ def _load(name: str) -> ModuleType | str:
     return _loaded[name]
 
 
+def preload() -> None:
+    """Import the backends that are cheap to import (called once by `import mutex_attn`)."""
+    _load("native")
+
+
 def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:
     """Why backend `name` cannot run on `device`, or None when it can."""
     if name not in _MODULES:
@@ -58,20 +63,26 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return sorted(name for name in _MODULES if unavailable_reason(name, device) is None)
 
 
-def resolve(backend: str, device: torch.device) -> ModuleType:
-    """The backend module to use for tensors on `device`; a clear error when it cannot run."""
+@torch.compiler.assume_constant_result
+def _pick(backend: str, device_type: str) -> str:
+    """The backend name to use (runs eagerly even under torch.compile: it imports modules)."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None:
-                return _load(name)  # type: ignore[return-value]
+        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            if unavailable_reason(name, device_type) is None:
+                return name
         raise AssertionError("the reference backend is always available")  # pragma: no cover
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise RuntimeError(
-            f"backend {backend!r} is not available on {device}: {reason}. "
-            f"To get it: {_HOW_TO_GET[backend]}. Available here: {available_backends(device)}."
+            f"backend {backend!r} is not available on {device_type}: {reason}. "
+            f"To get it: {_HOW_TO_GET[backend]}. Available here: {available_backends(device_type)}."
         )
-    return _load(backend)  # type: ignore[return-value]
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> ModuleType:
+    """The backend module to use for tensors on `device`; a clear error when it cannot run."""
+    return _loaded[_pick(backend, device.type)]  # type: ignore[return-value]
 
 
 def check_backend_name(backend: str) -> str:

@@ -15,7 +15,7 @@ updated outside the autograd function, exactly as nn.BatchNorm1d would.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -85,8 +85,25 @@ def _update_running_stats(bn, mean, var, n):
         bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
-_PARAM_NAMES = ("W1", "g1", "b1", "W2", "g2", "b2", "Wm", "bm", "Wn", "bn")
-_BUFFER_NAMES = ("rm1", "rv1", "rm2", "rv2")
+class GateParams(NamedTuple):
+    """GateNetwork's parameters, then its BatchNorm running statistics (None in backward)."""
+    W1: torch.Tensor
+    g1: torch.Tensor
+    b1: torch.Tensor
+    W2: torch.Tensor
+    g2: torch.Tensor
+    b2: torch.Tensor
+    Wm: torch.Tensor
+    bm: torch.Tensor
+    Wn: torch.Tensor
+    bn: torch.Tensor
+    rm1: Optional[torch.Tensor] = None
+    rv1: Optional[torch.Tensor] = None
+    rm2: Optional[torch.Tensor] = None
+    rv2: Optional[torch.Tensor] = None
+
+
+_NUM_PARAMS, _NUM_BUFFERS = 10, 4
 
 
 def make_fused_function(ops):
@@ -99,16 +116,13 @@ def make_fused_function(ops):
             cd = compute_dtype(x.dtype)
             with torch.autocast(x.device.type, enabled=False):
                 v, row_max, row_sum, argmax = ops.stats(x, y)
-                p = SimpleNamespace(**{
-                    n: (t.to(cd) if t is not None else None)
-                    for n, t in zip(_PARAM_NAMES + _BUFFER_NAMES, tensors)
-                })
+                p = GateParams(*[t.to(cd) if t is not None else None for t in tensors])
                 gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
                 out = ops.apply(x, y, gate, row_max, row_sum)
             ctx.save_for_backward(x, y, v, gate, row_max, row_sum, argmax, *saved,
-                                  *(getattr(p, n) for n in _PARAM_NAMES))
+                                  *p[:_NUM_PARAMS])
             ctx.batch = (batch1, batch2)
-            ctx.param_dtypes = [t.dtype for t in tensors[: len(_PARAM_NAMES)]]
+            ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
             ctx.mark_non_differentiable(*batch)
             return (out, *batch)
 
@@ -116,14 +130,14 @@ def make_fused_function(ops):
         def backward(ctx, dout, *_):
             x, y, v, gate, row_max, row_sum, argmax, *rest = ctx.saved_tensors
             saved, params = rest[:8], rest[8:]
-            p = SimpleNamespace(**dict(zip(_PARAM_NAMES, params)))
+            p = GateParams(*params)
             with torch.autocast(x.device.type, enabled=False):
                 stats = ops.backward_stats(dout, x, y, row_max, row_sum, argmax)
                 dgate = stats[..., S1] - stats[..., DOUT_Y]
                 dv, dparams = gate_backward(dgate, gate, v, p, saved, *ctx.batch)
                 dx, dy = ops.backward_apply(dout, x, y, gate, dv, row_max, row_sum, argmax, stats)
             dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
-            return (dx, dy, None, None, None, None, *dparams, *([None] * len(_BUFFER_NAMES)))
+            return (dx, dy, None, None, None, None, *dparams, *([None] * _NUM_BUFFERS))
 
     def mutex_attention(x, y, gate_net):
         g = gate_net

@@ -1,0 +1,164 @@
+"""The native backend's own guarantees: op registration (opcheck), agreement with the
+reference on odd sizes, BatchNorm running statistics, determinism, torch.compile.
+(The SPEC comparisons in test_ops.py and test_validation.py run on it too.)"""
+import copy
+
+import pytest
+import torch
+
+import mutex_attn as ma
+from conftest import assert_close, make_pair
+
+pytestmark = pytest.mark.skipif(
+    "native" not in ma.available_backends("cpu"), reason="the C++ extension is not built"
+)
+if "native" in ma.available_backends("cpu"):
+    from mutex_attn.backends import native
+
+    ops = torch.ops.mutex_attn
+
+
+def _op_cases(dtype=torch.float32, layout="contiguous", shape=(2, 3, 5, 7)):
+    x, y = make_pair(shape, dtype, layout)
+    dout = make_pair(shape, dtype, layout)[0]
+    n, c = shape[:2]
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    gate, dv = torch.rand(n, c, dtype=cd), torch.randn(n, c, dtype=cd)
+    v, mu, z, k = ops.mutex_attention_stats(x, y)
+    stats = ops.mutex_attention_backward_stats(dout, x, y, mu, z, k)
+    _, mab_mu, mab_z = ops.mab_forward(x, y)
+    return {
+        "mab_forward": (x.clone().requires_grad_(), y.clone().requires_grad_()),
+        "mab_backward": (dout, x, y, mab_mu, mab_z),
+        "fab_pool": (x.clone().requires_grad_(), y.clone().requires_grad_()),
+        "fab_pool_backward": (dv, k, x),
+        "fab_blend": (x.clone().requires_grad_(), y.clone().requires_grad_(), gate.clone().requires_grad_()),
+        "fab_blend_backward": (dout, x, y, gate),
+        "mutex_attention_stats": (x, y),
+        "mutex_attention_apply": (x, y, gate, mu, z),
+        "mutex_attention_backward_stats": (dout, x, y, mu, z, k),
+        "mutex_attention_backward_apply": (dout, x, y, gate, dv, mu, z, k, stats),
+    }
+
+
+@pytest.mark.parametrize("name", native._OPS if "native" in ma.available_backends("cpu") else [])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(name, dtype, layout):
+    args = _op_cases(dtype, layout)[name]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def _run_block(block, x, y):
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    out = block(xr, yr)
+    out.backward(torch.cos(xr.detach()))
+    return [out, xr.grad, yr.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 5, 7, 7), (2, 4, 56, 56), (1, 2, 130, 130)])
+def test_odd_sizes_as_accurate_as_reference(shape):
+    """L = 1, 49, 3136 and 16 900; batch 1 in eval mode. Truth: the reference in float64.
+    Native float32 must be within the float32 tolerance of the truth, or at worst twice as
+    far as the reference float32 (BatchNorm over a batch of 2 amplifies rounding)."""
+    x, y = make_pair(shape)
+    nat = ma.MutexAttention(shape[1], backend="native").train(shape[0] > 1)
+    ref = copy.deepcopy(nat)
+    ref.backend = "reference"
+    truth_block = copy.deepcopy(ref).double()
+    truth = _run_block(truth_block, x.double(), y.double())
+    for i, (got, want, ref_got) in enumerate(zip(_run_block(nat, x, y), truth, _run_block(ref, x, y))):
+        scale = max(1.0, want.abs().max().item())
+        err, ref_err = [(t.double() - want).abs().max().item() / scale for t in (got, ref_got)]
+        assert err <= max(2 * ref_err, 1e-5), (i, err, ref_err)
+    torch.testing.assert_close(ma.mab(x, y, backend="native"), ma.mab(x, y, backend="reference"))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_running_stats_follow_nn_batchnorm(momentum):
+    nat = ma.MutexAttention(6, backend="native")
+    for bn in (nat.fab.gate.bn1, nat.fab.gate.bn2):
+        bn.momentum = momentum
+    ref = copy.deepcopy(nat)
+    ref.backend = "reference"
+    for _ in range(3):
+        x, y = make_pair((5, 6, 4, 4))
+        nat(x, y), ref(x, y)
+    for (name, a), (_, b) in zip(nat.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert nat.fab.gate.bn1.num_batches_tracked.item() == 3
+
+
+def test_training_batch_of_one_is_a_clear_error():
+    x, y = make_pair((1, 4, 3, 3))
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        ma.MutexAttention(4, backend="native").train()(x, y)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_bitwise(threads):
+    """Run after run, and whatever the thread count, the same bits (rows reduce in one order)."""
+    block = ma.MutexAttention(16, backend="native")
+    x, y = make_pair((4, 16, 24, 24))
+    dout = torch.randn(4, 16, 24, 24)
+
+    def run():
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = block(xr, yr)
+        out.backward(dout)
+        return out, xr.grad, yr.grad, block.fab.gate.fc_m.weight.grad.clone()
+
+    before = torch.get_num_threads()
+    first = run()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            block.zero_grad()
+            for a, b in zip(first, run()):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_custom_gate_takes_the_unfused_path():
+    class HalfGate(torch.nn.Module):
+        def forward(self, v):
+            return torch.full_like(v, 0.5)
+
+    x, y = make_pair((2, 3, 4, 5))
+    nat, ref = ma.MutexAttention(3, backend="native"), ma.MutexAttention(3, backend="reference")
+    nat.fab.gate = ref.fab.gate = HalfGate()
+    torch.testing.assert_close(nat(x, y), ref(x, y))
+
+
+def test_cuda_availability_message(monkeypatch):
+    monkeypatch.setattr(native, "_has_kernel", lambda device_type: device_type == "cpu")
+    reason = native.unavailable_reason(torch.device("cuda"))
+    assert "FORCE_CUDA=1" in reason
+
+
+def test_compile_fullgraph_mab():
+    x, y = make_pair((2, 8, 6, 7))
+    x.requires_grad_()
+    fn = torch.compile(lambda a, b: ma.mab(a, b, backend="native"), fullgraph=True)
+    out = fn(x, y)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    ref = ma.mab(x, y, backend="native")
+    (rdx,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, rdx)
+
+
+def test_compile_fullgraph_mutex_attention_matches_eager():
+    eager = ma.MutexAttention(8, backend="native")
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x, y = make_pair((3, 8, 5, 6))
+    results = []
+    for fn, module in ((eager, eager), (compiled, compiled_module)):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = fn(xr, yr)
+        out.backward(torch.cos(xr.detach()))
+        results.append((out, xr.grad, yr.grad, module.fab.gate.fc1.weight.grad, module.fab.gate.bn2.running_var))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
