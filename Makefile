@@ -13,7 +13,12 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME := /usr/local/cuda
 endif
 endif
-export MAX_JOBS
+# Compile the CUDA kernels whenever a CUDA toolkit is there, GPU or not, so that a CUDA
+# compile error fails `make test` (and CI) even on a machine without a GPU.
+ifneq ($(CUDA_HOME),)
+FORCE_CUDA ?= 1
+endif
+export MAX_JOBS FORCE_CUDA
 
 .PHONY: setup build test demo clean
 

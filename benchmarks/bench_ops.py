@@ -163,7 +163,7 @@ def main(argv=None):
     print(f"device: {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
           f"{args.dtype}, {args.layout}; reps {args.reps}" + (f"; not available here: {skipped}" if skipped else ""))
     rows, compiled_cache = [], {}
-    header = (f"{'op':16s} {'shape':18s} {'mode':8s} {'provider':9s} {'median ms':>9s} {'p20':>7s} "
+    header = (f"{'op':16s} {'shape':16s} {'mode':8s} {'provider':9s} {'median ms':>9s} {'p20':>7s} "
               f"{'p80':>7s} {'vs eager':>8s} {'vs comp':>8s} {'GB/s':>7s} {'%copy':>6s}")
     print(header)
     for shape_name, shape in shapes.items():
@@ -180,7 +180,7 @@ def main(argv=None):
                     gbs = PASSES[(op, mode)] * numel * elem / (med * 1e-3) / 1e9
                     vs_eager = times["reference"][0] / med if "reference" in times else float("nan")
                     vs_comp = times["compile"][0] / med if "compile" in times else float("nan")
-                    print(f"{op:16s} {str(list(shape)):18s} {mode:8s} {provider:9s} {med:9.3f} {p20:7.3f} "
+                    print(f"{op:16s} {'x'.join(map(str, shape)):16s} {mode:8s} {provider:9s} {med:9.3f} {p20:7.3f} "
                           f"{p80:7.3f} {vs_eager:7.2f}x {vs_comp:7.2f}x {gbs:7.1f} {100 * gbs / bw:5.0f}%")
                     rows.append(dict(
                         device=device_name(device), torch=torch.__version__, commit=git_commit(),

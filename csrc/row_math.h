@@ -94,6 +94,10 @@ MA_HD void mutex_backward_element(acc_t x, acc_t y, acc_t dout, acc_t a, acc_t g
   dy += (acc_t(1) - g) * dout + pool_grad;
 }
 
+// A stored argmax must index into its row; the kernels turn a bad one into NaN rather than
+// a memory error (only direct calls of the ops can pass one).
+MA_HD bool valid_position(int64_t k, int64_t positions) { return k >= 0 && k < positions; }
+
 // Row scalars K3 produces for the backward (one [N, C, 4] tensor, this order).
 enum BackwardStat : int { kS1 = 0, kDoutY = 1, kS2 = 2, kAmAtMax = 3, kNumBackwardStats = 4 };
 //   S1 = Σ A·dout·y,  DoutY = Σ dout·y,  S2 = Σ A·y,  AmAtMax = A_k·y_k

@@ -27,14 +27,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def make_pair(shape, dtype=torch.float32, layout="contiguous", scale=1.0):
-    """x, y of `shape` in a layout: contiguous, channels_last, or non-contiguous (a strided view)."""
+def make_pair(shape, dtype=torch.float32, layout="contiguous", scale=1.0, device="cpu"):
+    """x, y of `shape` in a layout: contiguous, channels_last, or non-contiguous (a strided view).
+    Values are drawn on the CPU (the same numbers on every device)."""
     def one():
         if layout == "noncontiguous":
             n, c, h, w = shape
             t = (torch.randn(n, c, h, 2 * w + 1, dtype=torch.float64) * scale).to(dtype)
-            return t[..., 1::2]
-        t = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+            return t.to(device)[..., 1::2]
+        t = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
         if layout == "channels_last":
             t = t.contiguous(memory_format=torch.channels_last)
         return t
@@ -42,6 +43,20 @@ def make_pair(shape, dtype=torch.float32, layout="contiguous", scale=1.0):
     if layout == "noncontiguous":
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     return x, y
+
+
+def max_error(got, want):
+    """Largest error relative to the largest expected magnitude (at least 1)."""
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    return (got.double().cpu() - want.double().cpu()).abs().max().item() / scale if want.numel() else 0.0
+
+
+def assert_as_accurate(got, baseline, truth, floor):
+    """Each tensor of `got` is within `floor` of the truth, or at worst twice as far from it
+    as the baseline implementation (e.g. the reference in the same dtype) is."""
+    for i, (g, b, t) in enumerate(zip(got, baseline, truth)):
+        err, base = max_error(g, t), max_error(b, t)
+        assert err <= max(2 * base, floor), f"tensor {i}: error {err:.3g}, baseline {base:.3g}"
 
 
 def assert_close(actual, expected, dtype, grad=False):
@@ -53,3 +68,11 @@ def assert_close(actual, expected, dtype, grad=False):
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * scale
     )
+
+
+def run_block(block, x, y):
+    """Output and every gradient (x, y, parameters) of one forward + backward."""
+    xr, yr = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    out = block(xr, yr)
+    out.backward(torch.cos(xr.detach()))
+    return [out, xr.grad, yr.grad] + [p.grad for p in block.parameters()]

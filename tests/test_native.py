@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mutex_attn as ma
-from conftest import assert_close, make_pair
+from conftest import assert_as_accurate, make_pair, run_block
 
 pytestmark = pytest.mark.skipif(
     "native" not in ma.available_backends("cpu"), reason="the C++ extension is not built"
@@ -18,12 +18,13 @@ if "native" in ma.available_backends("cpu"):
     ops = torch.ops.mutex_attn
 
 
-def _op_cases(dtype=torch.float32, layout="contiguous", shape=(2, 3, 5, 7)):
-    x, y = make_pair(shape, dtype, layout)
-    dout = make_pair(shape, dtype, layout)[0]
+def op_cases(dtype=torch.float32, layout="contiguous", shape=(2, 3, 5, 7), device="cpu"):
+    """Valid arguments for every op (used by opcheck here and in test_cuda.py)."""
+    x, y = make_pair(shape, dtype, layout, device=device)
+    dout = make_pair(shape, dtype, layout, device=device)[0]
     n, c = shape[:2]
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    gate, dv = torch.rand(n, c, dtype=cd), torch.randn(n, c, dtype=cd)
+    gate, dv = torch.rand(n, c, dtype=cd, device=device), torch.randn(n, c, dtype=cd, device=device)
     v, mu, z, k = ops.mutex_attention_stats(x, y)
     stats = ops.mutex_attention_backward_stats(dout, x, y, mu, z, k)
     _, mab_mu, mab_z = ops.mab_forward(x, y)
@@ -45,15 +46,8 @@ def _op_cases(dtype=torch.float32, layout="contiguous", shape=(2, 3, 5, 7)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(name, dtype, layout):
-    args = _op_cases(dtype, layout)[name]
+    args = op_cases(dtype, layout)[name]
     torch.library.opcheck(getattr(ops, name).default, args)
-
-
-def _run_block(block, x, y):
-    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    out = block(xr, yr)
-    out.backward(torch.cos(xr.detach()))
-    return [out, xr.grad, yr.grad] + [p.grad for p in block.parameters()]
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 5, 7, 7), (2, 4, 56, 56), (1, 2, 130, 130)])
@@ -65,12 +59,8 @@ def test_odd_sizes_as_accurate_as_reference(shape):
     nat = ma.MutexAttention(shape[1], backend="native").train(shape[0] > 1)
     ref = copy.deepcopy(nat)
     ref.backend = "reference"
-    truth_block = copy.deepcopy(ref).double()
-    truth = _run_block(truth_block, x.double(), y.double())
-    for i, (got, want, ref_got) in enumerate(zip(_run_block(nat, x, y), truth, _run_block(ref, x, y))):
-        scale = max(1.0, want.abs().max().item())
-        err, ref_err = [(t.double() - want).abs().max().item() / scale for t in (got, ref_got)]
-        assert err <= max(2 * ref_err, 1e-5), (i, err, ref_err)
+    truth = run_block(copy.deepcopy(ref).double(), x.double(), y.double())
+    assert_as_accurate(run_block(nat, x, y), run_block(ref, x, y), truth, floor=1e-5)
     torch.testing.assert_close(ma.mab(x, y, backend="native"), ma.mab(x, y, backend="reference"))
 
 
@@ -162,3 +152,25 @@ def test_compile_fullgraph_mutex_attention_matches_eager():
         results.append((out, xr.grad, yr.grad, module.fab.gate.fc1.weight.grad, module.fab.gate.bn2.running_var))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_op_calls_with_bad_arguments():
+    """The ops guard themselves too: no positions is an error, a bad argmax gives NaN."""
+    x, y = make_pair((2, 3, 0, 4))
+    for call in (lambda: ops.mab_forward(x, y), lambda: ops.mutex_attention_stats(x, y),
+                 lambda: ops.fab_pool(x, y)):
+        with pytest.raises(RuntimeError, match="needs H·W >= 1"):
+            call()
+    x, y = make_pair((2, 3, 4, 4))
+    dout = torch.randn(2, 3, 4, 4)
+    v, mu, z, k = ops.mutex_attention_stats(x, y)
+    bad = k.clone()
+    bad[1, 2] = 99
+    stats = ops.mutex_attention_backward_stats(dout, x, y, mu, z, bad)
+    assert torch.isnan(stats[1, 2, 3]) and not torch.isnan(stats[0]).any()
+    dx, dy = ops.mutex_attention_backward_apply(dout, x, y, torch.rand(2, 3), torch.randn(2, 3), mu, z, bad, stats)
+    assert torch.isnan(dx[1, 2]).all() and torch.isfinite(dx[0]).all()
+    dmix = ops.fab_pool_backward(torch.randn(2, 3), bad, x)
+    assert torch.isnan(dmix[1, 2]).all() and torch.isfinite(dmix[0]).all()
+    with pytest.raises(RuntimeError, match="same shape"):
+        ops.mab_forward(x, y[:1])

@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "../op_checks.h"
 #include "../row_math.h"
 
 namespace mutex_attn {
@@ -31,37 +32,8 @@ struct Rows {
 };
 
 Rows as_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "mutex_attn: ", name, " must be 4-D [N, C, H, W], got ", t.sizes());
+  check_4d(t, name);
   return {t.contiguous(), t.size(0) * t.size(1), t.size(2) * t.size(3)};
-}
-
-void check_same(const Tensor& a, const Tensor& b, const char* na, const char* nb) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "mutex_attn: ", na, " and ", nb,
-              " must have the same shape, got ", a.sizes(), " and ", nb, " ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "mutex_attn: ", na, " and ", nb,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-}
-
-// A per-row tensor ([N, C] or [N, C, k]) in the compute dtype, contiguous.
-Tensor row_tensor(const Tensor& t, const Tensor& like, at::ScalarType acc, const char* name,
-                  int64_t last = 0) {
-  std::vector<int64_t> expected{like.size(0), like.size(1)};
-  if (last) expected.push_back(last);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "mutex_attn: ", name, " must have shape ",
-              at::IntArrayRef(expected), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, "mutex_attn: ", name, " must be ", acc, ", got ",
-              t.scalar_type());
-  return t.contiguous();
-}
-
-at::ScalarType acc_type(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Tensor per_row(const Tensor& like, at::ScalarType dtype, int64_t last = 0) {
-  std::vector<int64_t> shape{like.size(0), like.size(1)};
-  if (last) shape.push_back(last);
-  return at::empty(shape, like.options().dtype(dtype));
 }
 
 // Runs f(row_begin, row_end) over all rows in parallel, with chunks of about 32k elements.
@@ -187,12 +159,13 @@ template <typename scalar_t, typename acc_t>
 void fab_pool_backward_rows(const acc_t* dv, const int64_t* k, scalar_t* MA_RESTRICT dmix,
                             int64_t L, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const acc_t mean_grad = dv[r] / acc_t(L);
+    const bool valid = valid_position(k[r], L);
+    const acc_t mean_grad = valid ? dv[r] / acc_t(L) : std::numeric_limits<acc_t>::quiet_NaN();
     const scalar_t fill = static_cast<scalar_t>(mean_grad);
     scalar_t* out = dmix + r * L;
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) out[l] = fill;
-    out[k[r]] = static_cast<scalar_t>(mean_grad + dv[r]);
+    if (valid) out[k[r]] = static_cast<scalar_t>(mean_grad + dv[r]);
   }
 }
 
@@ -314,7 +287,9 @@ void backward_stats_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
     row[kS1] = s1;
     row[kDoutY] = dout_y;
     row[kS2] = s2;
-    row[kAmAtMax] = attention<acc_t>(xr[k[r]], yr[k[r]], mu, inv_z) * acc_t(yr[k[r]]);
+    row[kAmAtMax] = valid_position(k[r], L)
+                        ? attention<acc_t>(xr[k[r]], yr[k[r]], mu, inv_z) * acc_t(yr[k[r]])
+                        : std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
@@ -348,7 +323,8 @@ void backward_apply_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
     for (int64_t l = 0; l < L; ++l)
       backward_apply_element(xr, yr, gr, dxr, dyr, l, mu, inv_z, g, mean_grad, s);
     // The max also routes dv to the first argmax position.
-    backward_apply_element(xr, yr, gr, dxr, dyr, k[r], mu, inv_z, g, mean_grad + dvr, s);
+    if (valid_position(k[r], L))  // (otherwise s, and the whole row, is NaN already)
+      backward_apply_element(xr, yr, gr, dxr, dyr, k[r], mu, inv_z, g, mean_grad + dvr, s);
   }
 }
 
@@ -364,6 +340,7 @@ T* out(Tensor& t) { return t.mutable_data_ptr<T>(); }
 std::tuple<Tensor, Tensor, Tensor> mab_forward(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
+  check_positions(x.rows, x.length, "mab_forward");
   auto acc = acc_type(x.t);
   Tensor am = at::empty_like(x.t), mu = per_row(x.t, acc), z = per_row(x.t, acc);
   MA_DISPATCH(x.t, "mab_forward", [&] {
@@ -382,6 +359,7 @@ std::tuple<Tensor, Tensor> mab_backward(const Tensor& dam_in, const Tensor& x_in
   check_same(x_in, y_in, "x", "y");
   check_same(dam_in, x_in, "dam", "x");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dam = as_rows(dam_in, "dam");
+  check_positions(x.rows, x.length, "mab_backward");
   auto acc = acc_type(x.t);
   Tensor mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum");
   Tensor dx = at::empty_like(x.t), dy = at::empty_like(x.t);
@@ -399,7 +377,7 @@ std::tuple<Tensor, Tensor> mab_backward(const Tensor& dam_in, const Tensor& x_in
 std::tuple<Tensor, Tensor> fab_pool(const Tensor& am_in, const Tensor& y_in) {
   check_same(am_in, y_in, "am", "y");
   auto am = as_rows(am_in, "am"), y = as_rows(y_in, "y");
-  TORCH_CHECK(am.length > 0 || am.rows == 0, "mutex_attn: fab_pool needs H·W >= 1");
+  check_positions(am.rows, am.length, "fab_pool");
   Tensor v = per_row(am.t, acc_type(am.t)), k = per_row(am.t, at::kLong);
   MA_DISPATCH(am.t, "fab_pool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -463,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor> fab_blend_backward(const Tensor& dout_in, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> mutex_attention_stats(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
-  TORCH_CHECK(x.length > 0 || x.rows == 0, "mutex_attn: mutex_attention needs H·W >= 1");
+  check_positions(x.rows, x.length, "mutex_attention_stats");
   auto acc = acc_type(x.t);
   Tensor v = per_row(x.t, acc), mu = per_row(x.t, acc), z = per_row(x.t, acc),
          k = per_row(x.t, at::kLong);
@@ -501,6 +479,7 @@ Tensor mutex_attention_backward_stats(const Tensor& dout_in, const Tensor& x_in,
   check_same(x_in, y_in, "x", "y");
   check_same(dout_in, x_in, "dout", "x");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
+  check_positions(x.rows, x.length, "mutex_attention backward");
   auto acc = acc_type(x.t);
   Tensor mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),
          k = row_tensor(k_in, x.t, at::kLong, "argmax");
@@ -523,6 +502,7 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
   check_same(x_in, y_in, "x", "y");
   check_same(dout_in, x_in, "dout", "x");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
+  check_positions(x.rows, x.length, "mutex_attention backward");
   auto acc = acc_type(x.t);
   Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), dv = row_tensor(dv_in, x.t, acc, "dv"),
          mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),

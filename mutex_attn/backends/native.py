@@ -43,12 +43,14 @@ def _has_kernel(device_type: str) -> bool:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    if _has_kernel(device.type):
-        return None
-    if device.type == "cuda":
+    if device.type == "cuda" and not _has_kernel("cuda"):
         return ("the extension was built without CUDA kernels; rebuild with "
                 "`FORCE_CUDA=1 pip install --no-build-isolation -e .`")
-    return f"it has no kernels for device type {device.type!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if not _has_kernel(device.type):
+        return f"it has no kernels for device type {device.type!r}"
+    return None
 
 
 # ------------------------------------------------------------------ fake (meta) kernels
