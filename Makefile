@@ -38,7 +38,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*
 build: $(VENV)/.built
 
 test: build
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -rfE
 
 demo: build
 	$(PY) -m mutex_attn.demo

@@ -123,6 +123,12 @@ def git_commit():
         return "unknown"
 
 
+def allocator_settings():
+    """The glibc malloc tuning in effect (it decides how often big outputs page-fault)."""
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "THP_MEM"))]
+    return " ".join(tuned) or "default"
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -161,7 +167,7 @@ def main(argv=None):
     skipped = [pr for pr in args.providers.split(",") if pr not in providers]
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; commit {git_commit()}; "
-          f"{args.dtype}, {args.layout}; reps {args.reps}" + (f"; not available here: {skipped}" if skipped else ""))
+          f"{args.dtype}, {args.layout}; reps {args.reps}; allocator: {allocator_settings()}" + (f"; not available here: {skipped}" if skipped else ""))
     rows, compiled_cache = [], {}
     header = (f"{'op':16s} {'shape':16s} {'mode':8s} {'provider':9s} {'median ms':>9s} {'p20':>7s} "
               f"{'p80':>7s} {'vs eager':>8s} {'vs comp':>8s} {'GB/s':>7s} {'%copy':>6s}")
@@ -188,6 +194,7 @@ def main(argv=None):
                         provider=provider, dtype=args.dtype, layout=args.layout, median_ms=f"{med:.4f}",
                         p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}", speedup_vs_eager=f"{vs_eager:.3f}",
                         speedup_vs_compile=f"{vs_comp:.3f}", gbps=f"{gbs:.2f}", copy_gbps=f"{bw:.2f}",
+                        allocator=allocator_settings(),
                     ))
         print(f"{'':16s} copy bandwidth at this size: {bw:.1f} GB/s")
     if args.csv and rows:

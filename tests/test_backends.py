@@ -38,3 +38,14 @@ def test_import_failure_becomes_the_reason(monkeypatch):
     monkeypatch.setattr(backends, "_loaded", {})  # restored after the test
     reason = backends.unavailable_reason("native", "cpu")
     assert reason.startswith("it failed to import") and "no_such_module" in reason
+
+
+def test_stale_build_warns_at_import_but_a_missing_one_does_not(monkeypatch, recwarn):
+    monkeypatch.setattr(backends, "_loaded", {"native": "it failed to import (the C++ extension "
+                                                        "mutex_attn._C is not built; build it ...)"})
+    backends.preload()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    monkeypatch.setattr(backends, "_loaded", {"native": "it failed to import (the built extension "
+                                                        "mutex_attn._C is stale: it lacks ['x'])"})
+    with pytest.warns(RuntimeWarning, match="native backend is unavailable.*stale"):
+        backends.preload()

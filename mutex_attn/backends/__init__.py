@@ -11,6 +11,7 @@ and `unavailable_reason(device) -> str | None` (None when it can run there).
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -44,8 +45,14 @@ def _load(name: str) -> ModuleType | str:
 
 
 def preload() -> None:
-    """Import the backends that are cheap to import (called once by `import mutex_attn`)."""
-    _load("native")
+    """Import the backends that are cheap to import (called once by `import mutex_attn`).
+
+    A native build that exists but does not load (stale, built against another torch) is
+    worth a warning now; a missing one is not (the reference backend works), and asking for
+    "native" then says why it is unavailable and how to build it."""
+    module = _load("native")
+    if isinstance(module, str) and "is not built" not in module:
+        warnings.warn(f"mutex_attn: the native backend is unavailable: {module}", RuntimeWarning, stacklevel=3)
 
 
 def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:

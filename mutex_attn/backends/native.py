@@ -14,10 +14,15 @@ from mutex_attn.reference import compute_dtype
 
 try:
     from mutex_attn import _C  # noqa: F401  (loading it registers the ops)
-except ImportError as err:  # re-raised with what to do; the registry shows it as the reason
+except ModuleNotFoundError as err:
     raise ImportError(
-        f"the C++ extension mutex_attn._C is not built or does not load ({err}); "
-        "rebuild it with `pip install --no-build-isolation -e .`"
+        "the C++ extension mutex_attn._C is not built; build it with "
+        "`pip install --no-build-isolation -e .`"
+    ) from err
+except ImportError as err:  # e.g. undefined symbols: built against another torch
+    raise ImportError(
+        f"the C++ extension mutex_attn._C does not load ({err}); it was probably built "
+        "against another torch: rebuild it with `pip install --no-build-isolation -e .`"
     ) from err
 
 _OPS = (
