@@ -37,8 +37,11 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*
 
 build: $(VENV)/.built
 
+# Second run: the Triton kernels on CPU under Triton's interpreter (it must be switched on
+# before triton is imported, hence its own process), through the same SPEC tests.
 test: build
 	$(PY) -m pytest -q -rfE
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rfE tests/test_ops.py tests/test_validation.py tests/test_triton.py -k triton
 
 demo: build
 	$(PY) -m mutex_attn.demo

@@ -29,8 +29,8 @@ tail -3 "$OUT/build.log"
 $PY -c "import mutex_attn as ma; print('backends on cuda:', ma.available_backends('cuda'))" | tee -a "$OUT/env.txt"
 
 step "GPU tests (pytest -m cuda)"
-timeout 300 $PY -m pytest -q -m cuda tests/ -x -p no:cacheprovider --junitxml "$OUT/cuda-tests.xml" \
-  > "$OUT/cuda-tests.log" 2>&1 || status=1
+timeout 300 $PY -m pytest -q -m cuda tests/ -p no:cacheprovider --durations=10 \
+  --junitxml "$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1 || status=1
 tail -15 "$OUT/cuda-tests.log"
 
 step "op benchmark (batch 32, five ResNet-50 stage shapes)"

@@ -22,6 +22,16 @@ TOL = {
 }
 
 
+def float_dtype(backend):
+    """The most precise dtype a backend computes in: float64, except Triton's float32."""
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def skip_float64(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend computes in float32")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mutex_attn.backends import fused
+from mutex_attn.backends import kernel_backend
 from mutex_attn.modules import GateNetwork
 from mutex_attn.reference import compute_dtype
 
@@ -122,72 +122,6 @@ def _(dout, x, y, gate, dv, row_max, row_sum, argmax, backward_stats):
     return _like(x), _like(x)
 
 
-# ------------------------------------------------------------------ autograd
-def _mab_setup(ctx, inputs, output):
-    x, y = inputs
-    _, row_max, row_sum = output
-    ctx.save_for_backward(x, y, row_max, row_sum)
-
-
-def _mab_backward(ctx, dam, _drow_max, _drow_sum):
-    x, y, row_max, row_sum = ctx.saved_tensors
-    if dam is None:
-        return None, None
-    return tuple(ops.mab_backward(dam, x, y, row_max, row_sum))
-
-
-torch.library.register_autograd("mutex_attn::mab_forward", _mab_backward, setup_context=_mab_setup)
-
-
-def _pool_setup(ctx, inputs, output):
-    am, _ = inputs
-    _, argmax = output
-    ctx.save_for_backward(am, argmax)
-
-
-def _pool_backward(ctx, dv, _dargmax):
-    am, argmax = ctx.saved_tensors
-    if dv is None:
-        return None, None
-    dmix = ops.fab_pool_backward(dv, argmax, am)  # ∂v/∂am = ∂v/∂y: mix = am + y
-    return dmix, dmix
-
-
-torch.library.register_autograd("mutex_attn::fab_pool", _pool_backward, setup_context=_pool_setup)
-
-
-def _blend_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _blend_backward(ctx, dout):
-    am, y, gate = ctx.saved_tensors
-    return tuple(ops.fab_blend_backward(dout, am, y, gate))
-
-
-torch.library.register_autograd("mutex_attn::fab_blend", _blend_backward, setup_context=_blend_setup)
-
-
-# ------------------------------------------------------------------ the backend interface
-def mab(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ops.mab_forward(x, y)[0]
-
-
-def fab(am: torch.Tensor, y: torch.Tensor, gate_net) -> torch.Tensor:
-    return fused.unfused_fab(ops.fab_pool, ops.fab_blend, am, y, gate_net)
-
-
-_fused_mutex_attention = fused.make_fused_function(
-    type("NativeKernels", (), {
-        "stats": staticmethod(ops.mutex_attention_stats),
-        "apply": staticmethod(ops.mutex_attention_apply),
-        "backward_stats": staticmethod(ops.mutex_attention_backward_stats),
-        "backward_apply": staticmethod(ops.mutex_attention_backward_apply),
-    })
-)
-
-
-def mutex_attention(x: torch.Tensor, y: torch.Tensor, gate_net) -> torch.Tensor:
-    if type(gate_net) is GateNetwork:  # the fused path knows exactly this gate network
-        return _fused_mutex_attention(x, y, gate_net)
-    return fab(mab(x, y), y, gate_net)  # a custom gate: MAB and FAB ops, autograd between
+# ------------------------------------------------------------------ autograd, interface
+kernel_backend.register_piece_autograd("mutex_attn", ops)
+mab, fab, mutex_attention = kernel_backend.make_backend(ops, GateNetwork)

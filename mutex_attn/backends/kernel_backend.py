@@ -1,5 +1,8 @@
-"""The fused MutexAttention autograd function, shared by every backend that has the four
-row kernels of SPEC §1 (native C++/CUDA now, Triton later):
+"""What a backend built from the mutex_attn kernels needs, shared by "native" (C++/CUDA) and
+"triton": autograd for the MAB/FAB op pieces, the fused MutexAttention autograd function, and
+the backend interface (mab, fab, mutex_attention) on top of them.
+
+The fused path runs the four row kernels of SPEC §1:
 
     forward   K1 stats(x, y) -> v, row_max, row_sum, argmax        (x, y read twice)
               gate = G(v)                                          (tiny, plain tensor math)
@@ -163,9 +166,67 @@ def make_fused_function(ops):
     return mutex_attention
 
 
-def unfused_fab(pool, blend, am, y, gate_net):
-    """FAB from a pooling op and a blend op, with any gate network in between."""
-    v, _ = pool(am, y)
-    gate = gate_net(v)
-    check_gate(gate, am)
-    return blend(am, y, gate.to(v.dtype))
+def register_piece_autograd(namespace: str, ops) -> None:
+    """Autograd for `namespace`::mab_forward, ::fab_pool and ::fab_blend, whose backward ops
+    (ops.mab_backward, ops.fab_pool_backward, ops.fab_blend_backward) take saved inputs."""
+
+    def mab_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output[1:])  # x, y, row_max, row_sum
+
+    def mab_backward(ctx, dam, _drow_max, _drow_sum):
+        x, y, row_max, row_sum = ctx.saved_tensors
+        if dam is None:
+            return None, None
+        return tuple(ops.mab_backward(dam, x, y, row_max, row_sum))
+
+    def pool_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output[1])  # am (for its shape and layout), argmax
+
+    def pool_backward(ctx, dv, _dargmax):
+        am, argmax = ctx.saved_tensors
+        if dv is None:
+            return None, None
+        dmix = ops.fab_pool_backward(dv, argmax, am)  # ∂v/∂am = ∂v/∂y: mix = am + y
+        return dmix, dmix
+
+    def blend_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def blend_backward(ctx, dout):
+        am, y, gate = ctx.saved_tensors
+        return tuple(ops.fab_blend_backward(dout, am, y, gate))
+
+    torch.library.register_autograd(f"{namespace}::mab_forward", mab_backward, setup_context=mab_setup)
+    torch.library.register_autograd(f"{namespace}::fab_pool", pool_backward, setup_context=pool_setup)
+    torch.library.register_autograd(f"{namespace}::fab_blend", blend_backward, setup_context=blend_setup)
+
+
+def make_backend(ops, gate_network_type):
+    """The backend interface (mab, fab, mutex_attention) over the ten ops in `ops`."""
+    fused_mutex_attention = make_fused_function(SimpleKernels(ops))
+
+    def mab(x, y):
+        return ops.mab_forward(x, y)[0]
+
+    def fab(am, y, gate_net):
+        v, _ = ops.fab_pool(am, y)
+        gate = gate_net(v)
+        check_gate(gate, am)
+        return ops.fab_blend(am, y, gate.to(v.dtype))
+
+    def mutex_attention(x, y, gate_net):
+        if type(gate_net) is gate_network_type:  # the fused path knows exactly this network
+            return fused_mutex_attention(x, y, gate_net)
+        return fab(mab(x, y), y, gate_net)  # a custom gate: MAB and FAB ops, autograd between
+
+    return mab, fab, mutex_attention
+
+
+class SimpleKernels:
+    """The four fused-path kernels under the names make_fused_function uses."""
+
+    def __init__(self, ops):
+        self.stats = ops.mutex_attention_stats
+        self.apply = ops.mutex_attention_apply
+        self.backward_stats = ops.mutex_attention_backward_stats
+        self.backward_apply = ops.mutex_attention_backward_apply
