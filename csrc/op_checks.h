@@ -56,4 +56,18 @@ inline at::Tensor per_row(const at::Tensor& like, at::ScalarType dtype, int64_t 
   return at::empty(shape, like.options().dtype(dtype));
 }
 
+// Registers every op's kernel under its schema name (csrc/mutex_attn.cpp); each backend's
+// file defines functions of these names, so CPU and CUDA cannot drift apart.
+#define MUTEX_ATTN_IMPL_ALL_OPS(m)                                              \
+  m.impl("mab_forward", &mab_forward);                                          \
+  m.impl("mab_backward", &mab_backward);                                        \
+  m.impl("fab_pool", &fab_pool);                                                \
+  m.impl("fab_pool_backward", &fab_pool_backward);                              \
+  m.impl("fab_blend", &fab_blend);                                              \
+  m.impl("fab_blend_backward", &fab_blend_backward);                            \
+  m.impl("mutex_attention_stats", &mutex_attention_stats);                      \
+  m.impl("mutex_attention_apply", &mutex_attention_apply);                      \
+  m.impl("mutex_attention_backward_stats", &mutex_attention_backward_stats);    \
+  m.impl("mutex_attention_backward_apply", &mutex_attention_backward_apply)
+
 }  // namespace mutex_attn

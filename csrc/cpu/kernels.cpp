@@ -43,17 +43,24 @@ void for_rows(int64_t rows, int64_t length, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
-// mu = max d and Z = Σ e^(d − mu) over one row.
+// mu = max d over one row.
 template <typename scalar_t, typename acc_t>
-void softmax_stats(const scalar_t* x, const scalar_t* y, int64_t L, acc_t& mu, acc_t& z) {
+acc_t row_max_dist(const scalar_t* x, const scalar_t* y, int64_t L) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  #pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m)
   for (int64_t l = 0; l < L; ++l) {
     acc_t d = sq_dist(acc_t(x[l]), acc_t(y[l]));
     m = d > m ? d : m;
   }
+  return m;
+}
+
+// mu = max d and Z = Σ e^(d − mu) over one row.
+template <typename scalar_t, typename acc_t>
+void softmax_stats(const scalar_t* x, const scalar_t* y, int64_t L, acc_t& mu, acc_t& z) {
+  const acc_t m = row_max_dist<scalar_t, acc_t>(x, y, L);
   acc_t s = 0;
-  #pragma omp simd reduction(+ : s)
+#pragma omp simd reduction(+ : s)
   for (int64_t l = 0; l < L; ++l) s += exp_softmax(sq_dist(acc_t(x[l]), acc_t(y[l])) - m);
   mu = m;
   z = s;
@@ -217,12 +224,7 @@ void stats_rows(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, ac
   acc_t* MA_RESTRICT e = buffer.data();
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t *xr = x + r * L, *yr = y + r * L;
-    acc_t mu = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : mu)
-    for (int64_t l = 0; l < L; ++l) {
-      acc_t d = sq_dist(acc_t(xr[l]), acc_t(yr[l]));
-      mu = d > mu ? d : mu;
-    }
+    const acc_t mu = row_max_dist<scalar_t, acc_t>(xr, yr, L);
     acc_t z = 0;
 #pragma omp simd reduction(+ : z)
     for (int64_t l = 0; l < L; ++l) {
@@ -523,17 +525,6 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mutex_attn, CPU, m) {
-  m.impl("mab_forward", &mab_forward);
-  m.impl("mab_backward", &mab_backward);
-  m.impl("fab_pool", &fab_pool);
-  m.impl("fab_pool_backward", &fab_pool_backward);
-  m.impl("fab_blend", &fab_blend);
-  m.impl("fab_blend_backward", &fab_blend_backward);
-  m.impl("mutex_attention_stats", &mutex_attention_stats);
-  m.impl("mutex_attention_apply", &mutex_attention_apply);
-  m.impl("mutex_attention_backward_stats", &mutex_attention_backward_stats);
-  m.impl("mutex_attention_backward_apply", &mutex_attention_backward_apply);
-}
+TORCH_LIBRARY_IMPL(mutex_attn, CPU, m) { MUTEX_ATTN_IMPL_ALL_OPS(m); }
 
 }  // namespace mutex_attn

@@ -688,17 +688,6 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mutex_attn, CUDA, m) {
-  m.impl("mab_forward", &mab_forward);
-  m.impl("mab_backward", &mab_backward);
-  m.impl("fab_pool", &fab_pool);
-  m.impl("fab_pool_backward", &fab_pool_backward);
-  m.impl("fab_blend", &fab_blend);
-  m.impl("fab_blend_backward", &fab_blend_backward);
-  m.impl("mutex_attention_stats", &mutex_attention_stats);
-  m.impl("mutex_attention_apply", &mutex_attention_apply);
-  m.impl("mutex_attention_backward_stats", &mutex_attention_backward_stats);
-  m.impl("mutex_attention_backward_apply", &mutex_attention_backward_apply);
-}
+TORCH_LIBRARY_IMPL(mutex_attn, CUDA, m) { MUTEX_ATTN_IMPL_ALL_OPS(m); }
 
 }  // namespace mutex_attn
