@@ -109,14 +109,28 @@ class GateParams(NamedTuple):
 _NUM_PARAMS, _NUM_BUFFERS = 10, 4
 
 
-def make_fused_function(ops):
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def make_fused_function(ops, reads_channels_last):
     """An autograd.Function for MutexAttention over the kernels `ops` (stats, apply,
-    backward_stats, backward_apply)."""
+    backward_stats, backward_apply). reads_channels_last(device): whether the kernels read
+    channels_last in place there; if not, x and y are made NCHW once here (and saved so),
+    instead of by each of the four kernels."""
 
     class FusedMutexAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, y, batch1, batch2, eps1, eps2, *tensors):
             cd = compute_dtype(x.dtype)
+            if not (reads_channels_last(x.device) and _is_channels_last(x)):
+                x = x.contiguous()
+            y = _layout_like(y, x)
             with torch.autocast(x.device.type, enabled=False):
                 v, row_max, row_sum, argmax = ops.stats(x, y)
                 p = GateParams(*[t.to(cd) if t is not None else None for t in tensors])
@@ -133,6 +147,7 @@ def make_fused_function(ops):
         def backward(ctx, dout, *_):
             x, y, v, gate, row_max, row_sum, argmax, *rest = ctx.saved_tensors
             saved, params = rest[:8], rest[8:]
+            dout = _layout_like(dout, x)  # once, not in both K3 and K4
             p = GateParams(*params)
             with torch.autocast(x.device.type, enabled=False):
                 stats = ops.backward_stats(dout, x, y, row_max, row_sum, argmax)
@@ -201,9 +216,9 @@ def register_piece_autograd(namespace: str, ops) -> None:
     torch.library.register_autograd(f"{namespace}::fab_blend", blend_backward, setup_context=blend_setup)
 
 
-def make_backend(ops, gate_network_type):
+def make_backend(ops, gate_network_type, reads_channels_last):
     """The backend interface (mab, fab, mutex_attention) over the ten ops in `ops`."""
-    fused_mutex_attention = make_fused_function(SimpleKernels(ops))
+    fused_mutex_attention = make_fused_function(SimpleKernels(ops), reads_channels_last)
 
     def mab(x, y):
         return ops.mab_forward(x, y)[0]

@@ -124,4 +124,6 @@ def _(dout, x, y, gate, dv, row_max, row_sum, argmax, backward_stats):
 
 # ------------------------------------------------------------------ autograd, interface
 kernel_backend.register_piece_autograd("mutex_attn", ops)
-mab, fab, mutex_attention = kernel_backend.make_backend(ops, GateNetwork)
+# The CPU kernels work on NCHW rows; the CUDA kernels read channels_last in place.
+mab, fab, mutex_attention = kernel_backend.make_backend(
+    ops, GateNetwork, reads_channels_last=lambda device: device.type == "cuda")

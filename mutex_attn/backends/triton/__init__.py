@@ -182,7 +182,7 @@ def mutex_attention_backward_apply(dout: Tensor, x: Tensor, y: Tensor, gate: Ten
 # ------------------------------------------------------------------ autograd, interface
 ops = torch.ops.mutex_attn_triton
 kernel_backend.register_piece_autograd("mutex_attn_triton", ops)
-_mab, _fab, _mutex_attention = kernel_backend.make_backend(ops, GateNetwork)
+_mab, _fab, _mutex_attention = kernel_backend.make_backend(ops, GateNetwork, reads_channels_last=lambda device: True)
 
 
 def mab(x: Tensor, y: Tensor) -> Tensor:
