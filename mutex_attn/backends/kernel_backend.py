@@ -51,8 +51,8 @@ def _bn_backward(grad, xhat, rstd, weight, batch_stats):
 
 
 def gate_forward(v, p, batch1, batch2, eps1, eps2):
-    """GateNetwork's forward on plain tensors. p: W1, g1, b1, rm1, rv1, W2, g2, b2, rm2, rv2,
-    Wm, bm, Wn, bn (all in v's dtype). Returns gate, what backward needs, and batch stats."""
+    """GateNetwork's forward on plain tensors; p: GateParams in v's dtype. Returns the gate,
+    what gate_backward needs, and the BatchNorm batch statistics (for the running ones)."""
     b1, xhat1, rstd1, mean1, var1 = _bn_forward(v @ p.W1.T, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1)
     r1 = torch.relu(b1)
     b2, xhat2, rstd2, mean2, var2 = _bn_forward(r1 @ p.W2.T, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2)
@@ -218,7 +218,7 @@ def register_piece_autograd(namespace: str, ops) -> None:
 
 def make_backend(ops, gate_network_type, reads_channels_last):
     """The backend interface (mab, fab, mutex_attention) over the ten ops in `ops`."""
-    fused_mutex_attention = make_fused_function(SimpleKernels(ops), reads_channels_last)
+    fused_mutex_attention = make_fused_function(FusedKernels(ops), reads_channels_last)
 
     def mab(x, y):
         return ops.mab_forward(x, y)[0]
@@ -237,7 +237,7 @@ def make_backend(ops, gate_network_type, reads_channels_last):
     return mab, fab, mutex_attention
 
 
-class SimpleKernels:
+class FusedKernels:
     """The four fused-path kernels under the names make_fused_function uses."""
 
     def __init__(self, ops):
