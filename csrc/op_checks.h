@@ -1,7 +1,9 @@
-// Argument checks and small allocation helpers shared by the CPU and CUDA op implementations.
+// Argument checks, allocation and dispatch helpers shared by the CPU and CUDA op
+// implementations.
 // (The Python layer validates user input first; these guard direct torch.ops calls.)
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -48,6 +50,16 @@ inline at::Tensor row_tensor(const at::Tensor& t, const at::Tensor& like, at::Sc
               ", got ", t.device());
   return t.contiguous();
 }
+
+// Every op runs for float64, float32, float16 and bfloat16.
+#define MA_DISPATCH(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name, __VA_ARGS__)
+
+// Typed data pointers of inputs and outputs.
+template <typename T>
+const T* in(const at::Tensor& t) { return t.const_data_ptr<T>(); }
+template <typename T>
+T* out(at::Tensor& t) { return t.mutable_data_ptr<T>(); }
 
 // A new per-row output ([N, C], or [N, C, last]).
 inline at::Tensor per_row(const at::Tensor& like, at::ScalarType dtype, int64_t last = 0) {

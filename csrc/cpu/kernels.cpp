@@ -331,14 +331,6 @@ void backward_apply_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
 }
 
 // ---------------------------------------------------------------- ops
-#define MA_DISPATCH(t, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name, __VA_ARGS__)
-
-template <typename T>
-const T* in(const Tensor& t) { return t.const_data_ptr<T>(); }
-template <typename T>
-T* out(Tensor& t) { return t.mutable_data_ptr<T>(); }
-
 std::tuple<Tensor, Tensor, Tensor> mab_forward(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");

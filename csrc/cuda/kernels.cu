@@ -471,14 +471,6 @@ dim3 row_grid(const Geometry& g, const RowLaunch& rl) {
   return dim3(static_cast<unsigned>((g.rows + rl.rows_per_block - 1) / rl.rows_per_block));
 }
 
-#define MA_DISPATCH(t, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name, __VA_ARGS__)
-
-template <typename T>
-const T* in(const Tensor& t) { return t.const_data_ptr<T>(); }
-template <typename T>
-T* out(Tensor& t) { return t.mutable_data_ptr<T>(); }
-
 std::tuple<Tensor, Tensor, Tensor> mab_forward(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
   c10::cuda::CUDAGuard guard(x_in.device());
