@@ -57,8 +57,8 @@ def preload() -> None:
 
 def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:
     """Why backend `name` cannot run on `device`, or None when it can."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or 'auto'")
+    if check_backend_name(name) == "auto":
+        raise ValueError("'auto' is a choice among backends, not a backend")
     module = _load(name)
     if isinstance(module, str):
         return module

@@ -109,12 +109,14 @@ class GateParams(NamedTuple):
 _NUM_PARAMS, _NUM_BUFFERS = 10, 4
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Dense channels_last and not also NCHW-contiguous: the one layout the GPU kernels read
+    as it is besides NCHW (the fake kernels and the kernels agree on this test)."""
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
 
 
@@ -128,7 +130,7 @@ def make_fused_function(ops, reads_channels_last):
         @staticmethod
         def forward(ctx, x, y, batch1, batch2, eps1, eps2, *tensors):
             cd = compute_dtype(x.dtype)
-            if not (reads_channels_last(x.device) and _is_channels_last(x)):
+            if not (reads_channels_last(x.device) and is_channels_last(x)):
                 x = x.contiguous()
             y = _layout_like(y, x)
             with torch.autocast(x.device.type, enabled=False):

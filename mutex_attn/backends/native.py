@@ -40,11 +40,15 @@ if _missing:
 ops = torch.ops.mutex_attn
 
 
+# Which devices the build has kernels for: asked once, not on every call.
+_KERNELS = {
+    device_type: torch._C._dispatch_has_kernel_for_dispatch_key("mutex_attn::mab_forward", key)
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def _has_kernel(device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mutex_attn::mab_forward", key
-    )
+    return _KERNELS.get(device_type, False)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -62,8 +66,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 def _like(x: torch.Tensor) -> torch.Tensor:
     """The output layout of every kernel: channels_last stays channels_last on CUDA (no
     hidden copy there); everything else is NCHW-contiguous."""
-    if (x.device.type == "cuda" and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
+    if x.device.type == "cuda" and kernel_backend.is_channels_last(x):
         return torch.empty_like(x, memory_format=torch.channels_last)
     return x.new_empty(x.shape)
 

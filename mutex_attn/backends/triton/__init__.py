@@ -38,7 +38,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 # ------------------------------------------------------------------ layout and launch shape
 def _geometry(t: Tensor):
     """(tensor to use, channels_last?) — NCHW or channels_last in place, anything else copied."""
-    nhwc = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    nhwc = kernel_backend.is_channels_last(t)
     return (t if nhwc else t.contiguous()), nhwc
 
 
