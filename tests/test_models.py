@@ -118,3 +118,52 @@ def test_densenet_old_checkpoint_keys(tmp_path):
     torch.save(old, path)
     model = ma.models.manet_densenet169(pretrained=str(path))
     assert torch.equal(model.stages[1].denseblock1.denselayer1.norm1.weight, source.features.denseblock1.denselayer1.norm1.weight)
+
+
+def _tiny_stages():
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())]
+
+
+@pytest.mark.parametrize("blocks", ["none", "mab", "mab+fab"])
+def test_block_ablations_compute_what_they_say(blocks):
+    stages = _tiny_stages()
+    net = MutexNet(stages, nn.Linear(16, 2), blocks=blocks, backend="reference").eval()
+    x, xm = torch.randn(2, 3, 12, 12), torch.randn(2, 3, 12, 12)
+    out = net(x, xm)
+    f, g = x, xm
+    for stage, unit in zip(net.stages, net.attention):
+        f = stage(f)
+        y = stage(g)
+        if blocks == "none":
+            g = y  # the mutex path is the plain backbone on the mutex image
+        elif blocks == "mab":
+            g = ma.mab(f, y, backend="reference")
+        else:
+            g = unit(f, y)
+    torch.testing.assert_close(out.features_mutex, g)
+    torch.testing.assert_close(out.logits_mutex, net.head(net.pool(g)))
+    torch.testing.assert_close(out.logits, net(x))  # the main path never changes
+    n_params = sum(p.numel() for p in net.attention.parameters())
+    assert (n_params > 0) == (blocks == "mab+fab")  # only FAB has parameters
+
+
+def test_unknown_blocks():
+    with pytest.raises(ValueError, match="unknown blocks 'fab'"):
+        MutexNet(_tiny_stages(), nn.Linear(16, 2), blocks="fab")
+
+
+def test_create_model_names():
+    from mutex_attn.models import MODEL_NAMES, create_model
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in MODEL_NAMES:
+        model = create_model(name).eval()
+        assert model(x).shape == (2, 2), name
+        assert isinstance(model, MutexNet) == name.startswith("manet_")
+    # the timm baselines really carry their attention modules
+    assert any("se" in type(m).__name__.lower() for m in create_model("seresnet50").modules())
+    assert any("cbam" in type(m).__name__.lower() for m in create_model("cbam_resnet50").modules())
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        create_model("vgg")

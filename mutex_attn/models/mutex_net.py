@@ -18,7 +18,10 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from mutex_attn.modules import MutexAttention
+from mutex_attn.modules import MutexAttention, MutexAttentionBlock
+
+# Which attention the mutex path gets after each stage (the paper's Table 8 ablation).
+BLOCKS = ("mab+fab", "mab", "none")
 
 
 class MutexOutput(NamedTuple):
@@ -26,6 +29,21 @@ class MutexOutput(NamedTuple):
     logits_mutex: torch.Tensor
     features: torch.Tensor  # last stage output of the main path, [N, C, H, W]
     features_mutex: torch.Tensor  # the same for the mutex path
+
+
+class MutexPassThrough(nn.Module):
+    """The "none" ablation: the mutex path is the plain backbone on the mutex image."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+def _attention_unit(blocks: str, channels: int, reduction: int, backend: str) -> nn.Module:
+    if blocks == "mab+fab":
+        return MutexAttention(channels, reduction=reduction, backend=backend)
+    if blocks == "mab":
+        return MutexAttentionBlock(backend)
+    return MutexPassThrough()
 
 
 class GlobalAvgPool(nn.Module):
@@ -63,7 +81,8 @@ class MutexNet(nn.Module):
     forward(x) -> logits: the plain backbone.
     forward(x, x_mutex) -> MutexOutput(logits, logits_mutex, features, features_mutex).
 
-    `channels` (one per stage) is inferred by a dry run when not given. `exporter`, given by the
+    `blocks` picks the attention of the mutex path: "mab+fab" (MA-Net), "mab" or "none" (the
+    paper's ablations). `channels` (one per stage) is inferred by a dry run when not given. `exporter`, given by the
     torchvision factories, rebuilds the original torchvision model from this one's modules.
     """
 
@@ -78,8 +97,11 @@ class MutexNet(nn.Module):
         backend: str = "auto",
         in_channels: int = 3,
         exporter: Callable[["MutexNet"], nn.Module] | None = None,
+        blocks: str = "mab+fab",
     ):
         super().__init__()
+        if blocks not in BLOCKS:
+            raise ValueError(f"unknown blocks {blocks!r}; choose one of {BLOCKS}")
         if len(stages) == 0:
             raise ValueError("MutexNet needs at least one stage")
         self.stages = nn.ModuleList(stages)
@@ -87,8 +109,9 @@ class MutexNet(nn.Module):
             channels = infer_stage_channels(self.stages, in_channels)
         if len(channels) != len(stages):
             raise ValueError(f"got {len(channels)} channel counts for {len(stages)} stages")
+        self.blocks = blocks
         self.attention = nn.ModuleList(
-            MutexAttention(c, reduction=reduction, backend=backend) for c in channels
+            _attention_unit(blocks, c, reduction, backend) for c in channels
         )
         self.pool = pool if pool is not None else GlobalAvgPool()
         self.head = head

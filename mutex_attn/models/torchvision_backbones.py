@@ -60,6 +60,15 @@ def _check_no_meta(model: nn.Module) -> nn.Module:
 
 # --- ResNet-50 -------------------------------------------------------------------------------
 
+def resnet50(num_classes: int = 2, pretrained=False) -> torchvision.models.ResNet:
+    """torchvision's ResNet-50 (the plain baseline, and MA-Net's backbone)."""
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if pretrained:
+        state = _local_weights(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, pretrained)
+        _load_backbone_weights(model, state, "fc.")
+    return model
+
+
 def _resnet_stages(model: torchvision.models.ResNet) -> list[nn.Module]:
     stem = nn.Sequential(OrderedDict(
         conv1=model.conv1, bn1=model.bn1, relu=model.relu, maxpool=model.maxpool
@@ -76,16 +85,14 @@ def _export_resnet50(net: MutexNet) -> nn.Module:
 
 
 def manet_resnet50(
-    num_classes: int = 2, pretrained=False, backend: str = "auto", reduction: int = 16
+    num_classes: int = 2, pretrained=False, backend: str = "auto", reduction: int = 16,
+    blocks: str = "mab+fab",
 ) -> MutexNet:
     """MA-Net with a ResNet-50 backbone: MutexAttention after the stem and after layer1..4."""
-    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
-    if pretrained:
-        state = _local_weights(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, pretrained)
-        _load_backbone_weights(model, state, "fc.")
+    model = resnet50(num_classes, pretrained)
     return MutexNet(
         _resnet_stages(model), model.fc, channels=[64, 256, 512, 1024, 2048],
-        reduction=reduction, backend=backend, exporter=_export_resnet50,
+        reduction=reduction, backend=backend, exporter=_export_resnet50, blocks=blocks,
     )
 
 
@@ -95,6 +102,16 @@ def manet_resnet50(
 _OLD_DENSE_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
+
+
+def densenet169(num_classes: int = 2, pretrained=False) -> torchvision.models.DenseNet:
+    """torchvision's DenseNet-169 (the plain baseline, and MA-Net's backbone)."""
+    model = torchvision.models.densenet169(weights=None, num_classes=num_classes)
+    if pretrained:
+        state = _local_weights(torchvision.models.DenseNet169_Weights.IMAGENET1K_V1, pretrained)
+        state = {_OLD_DENSE_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+        _load_backbone_weights(model, state, "classifier.")
+    return model
 
 
 def _densenet_stages(model: torchvision.models.DenseNet) -> list[nn.Module]:
@@ -125,17 +142,12 @@ def _export_densenet169(net: MutexNet) -> nn.Module:
 
 
 def manet_densenet169(
-    num_classes: int = 2, pretrained=False, backend: str = "auto", reduction: int = 16
+    num_classes: int = 2, pretrained=False, backend: str = "auto", reduction: int = 16,
+    blocks: str = "mab+fab",
 ) -> MutexNet:
     """MA-Net with a DenseNet-169 backbone: MutexAttention after the stem and each dense block."""
-    model = torchvision.models.densenet169(weights=None, num_classes=num_classes)
-    if pretrained:
-        state = _local_weights(torchvision.models.DenseNet169_Weights.IMAGENET1K_V1, pretrained)
-        state = {
-            (_OLD_DENSE_KEY.sub(r"\1\2", k)): v for k, v in state.items()
-        }
-        _load_backbone_weights(model, state, "classifier.")
+    model = densenet169(num_classes, pretrained)
     return MutexNet(
         _densenet_stages(model), model.classifier, channels=[64, 128, 256, 640, 1664],
-        reduction=reduction, backend=backend, exporter=_export_densenet169,
+        reduction=reduction, backend=backend, exporter=_export_densenet169, blocks=blocks,
     )
