@@ -6,6 +6,9 @@ PIP := $(PY) -m pip
 # torch/torchvision: any release >= 2.6 works; on this project's machines pip resolves them
 # from local wheels. Override, e.g. TORCH_SPEC="torch==2.6.0 torchvision==0.21.0".
 TORCH_SPEC ?= torch torchvision
+# The application's dependencies (pyproject.toml lists the same), installed before the
+# extension build, which runs with --no-deps.
+APP_DEPS := numpy pillow scipy scikit-learn matplotlib tqdm pyyaml nibabel openpyxl timm grad-cam
 MAX_JOBS ?= 2
 # torch guesses CUDA_HOME from an nvcc shim in /usr/local/bin; point it at the real toolkit.
 ifeq ($(CUDA_HOME),)
@@ -25,7 +28,7 @@ export MAX_JOBS FORCE_CUDA
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel ninja
-	$(PIP) install $(TORCH_SPEC) numpy pytest hypothesis
+	$(PIP) install $(TORCH_SPEC) $(APP_DEPS) pytest hypothesis
 	touch $@
 
 setup: $(VENV)/.deps
