@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch torchvision
 # The application's dependencies (pyproject.toml lists the same), installed before the
 # extension build, which runs with --no-deps.
-APP_DEPS := numpy pillow scipy scikit-learn matplotlib tqdm pyyaml nibabel openpyxl timm grad-cam
+APP_DEPS := numpy pillow scipy scikit-learn matplotlib tqdm pyyaml nibabel openpyxl timm grad-cam pydicom onnx onnxruntime
 MAX_JOBS ?= 2
 # torch guesses CUDA_HOME from an nvcc shim in /usr/local/bin; point it at the real toolkit.
 ifeq ($(CUDA_HOME),)
