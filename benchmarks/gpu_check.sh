@@ -1,47 +1,117 @@
 #!/usr/bin/env bash
 # The one prepared run for the GPU machine (see ../shared/docs/ENVIRONMENT.md): build for the
-# card there, run the GPU tests, run the quick benchmarks; everything lands under $OUT and a
-# short table is printed last. Budget: ~8 minutes on an H100.
+# card there, run the GPU tests, the op benchmarks (batch 32, the five ResNet-50 stage shapes;
+# float32, bfloat16, bfloat16 channels_last), the quick MA-Net training-step benchmark (batch
+# 32, bf16 autocast, channels_last, eager reference vs native vs triton, 10 steps), then plots
+# and a markdown summary; everything lands under $OUT and the short summary is printed last.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#
+# Time: the whole script keeps within GPU_CHECK_BUDGET_S seconds (default 450, for the ~8
+# minutes a run may take). Each step runs under `timeout` with what is left minus a reserve for
+# the steps after it; a step with under 20 s left is skipped and says so. The op benchmarks stop
+# starting new cases at their own --time-budget, so a slow compile costs shapes, not the CSV.
+# If time is left after the training step (>= 100 s), bfloat16 channels_last runs once more
+# with compile-max (torch.compile mode="max-autotune-no-cudagraphs") among the providers.
+# Overrides: GPU_CHECK_OPS (default mutex_attention,mab,fab), PYTHON, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+# GPU_CHECK_DRY_RUN=1 rehearses the script on a CPU machine: no build (the extension must be
+# built already), CPU tensors, tiny shapes and steps; it checks the plumbing, not the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+OPS=${GPU_CHECK_OPS:-mutex_attention,mab,fab}
+DEVICE=cuda BATCH=32 SIZE=224 STEPS=10 WARMUP=3 REPS=30
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+  DEVICE=cpu BATCH=2 SIZE=32 STEPS=1 WARMUP=1 REPS=3
+  nvidia-smi() { echo "(dry run: no nvidia-smi)"; }
+fi
 status=0
+: > "$OUT/steps.txt"
 
-step() { echo "== $* ($(date +%T))"; }
+step() { echo "== $* ($(date +%T), ${SECONDS}s of ${BUDGET}s)"; }
+# seconds a step may take: at most $1, leaving $2 for the steps after it
+limit() { local l=$(( BUDGET - SECONDS - $2 )); [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
+# run NAME SECONDS LOG CMD...: CMD under timeout into LOG; records rc and duration in steps.txt
+run() {
+  local name=$1 secs=$2 log=$3; shift 3
+  if [ "$secs" -lt 20 ]; then
+    echo "SKIPPED $name: only ${secs}s left in the budget" | tee -a "$OUT/steps.txt"; status=1; return 1
+  fi
+  local t0=$SECONDS rc=0
+  timeout "$secs" "$@" > "$log" 2>&1 || rc=$?
+  local what="ok"; [ "$rc" -eq 124 ] && what="TIMED OUT after ${secs}s"; [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && what="FAILED (rc $rc)"
+  echo "$name: $what in $((SECONDS - t0))s (limit ${secs}s)" | tee -a "$OUT/steps.txt"
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
 
 step environment
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git rev-parse --short HEAD 2>/dev/null
-  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null; } | tee "$OUT/env.txt"
+  timeout 60 $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible')"
+  timeout 60 $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null; } | tee "$OUT/env.txt"
 
 step "build (sm_${TORCH_CUDA_ARCH_LIST/./}, in place, against the torch already installed)"
-if ! (time $PY setup.py build_ext --inplace) > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if [ "$DEVICE" = cpu ]; then
+  echo "dry run: no build" > "$OUT/build.log"
+elif ! run build "$(limit 240 180)" "$OUT/build.log" $PY setup.py build_ext --inplace; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; cat "$OUT/steps.txt"; exit 1
 fi
 tail -3 "$OUT/build.log"
-$PY -c "import mutex_attn as ma; print('backends on cuda:', ma.available_backends('cuda'))" | tee -a "$OUT/env.txt"
+timeout 60 $PY -c "import mutex_attn as ma; print('backends on $DEVICE:', ma.available_backends('$DEVICE'))" | tee -a "$OUT/env.txt"
 
 step "GPU tests (pytest -m cuda)"
-timeout 300 $PY -m pytest -q -m cuda tests/ -p no:cacheprovider --durations=10 \
-  --junitxml "$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1 || status=1
+run "GPU tests" "$(limit 200 170)" "$OUT/cuda-tests.log" $PY -m pytest -q -m cuda tests/ -p no:cacheprovider \
+  --durations=10 --junitxml "$OUT/cuda-tests.xml"
 tail -15 "$OUT/cuda-tests.log"
 
-step "op benchmark (batch 32, five ResNet-50 stage shapes)"
+step "op benchmark (batch 32, five ResNet-50 stage shapes, full = forward + backward)"
+reserve=140
 for cfg in "float32 contiguous" "bfloat16 contiguous" "bfloat16 channels_last"; do
   set -- $cfg
-  timeout 150 $PY benchmarks/bench_ops.py --device cuda --batch 32 --shapes stages --dtype "$1" \
-    --layout "$2" --reps 30 --csv "$OUT/ops.csv" > "$OUT/bench_${1}_${2}.txt" 2>&1 || status=1
+  secs=$(limit 75 $reserve); reserve=$((reserve - 35))
+  run "ops $1 $2" "$secs" "$OUT/bench_${1}_${2}.txt" $PY benchmarks/bench_ops.py --device $DEVICE \
+    --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton \
+    --dtype "$1" --layout "$2" --reps $REPS --time-budget $((secs > 35 ? secs - 25 : 10)) --csv "$OUT/ops.csv"
 done
+
+step "training step (MA-Net ResNet-50, batch 32, 224 px, bf16 autocast, channels_last, eager)"
+run "train step" "$(limit 100 25)" "$OUT/train_step.txt" $PY benchmarks/bench_train_step.py --device $DEVICE \
+  --batch $BATCH --size $SIZE --amp bf16 --channels-last --backends reference,native,triton --no-compile \
+  --steps $STEPS --warmup $WARMUP --csv "$OUT/train_step.csv"
+
+if [ $(( BUDGET - SECONDS - 25 )) -ge 100 ]; then
+  step "op benchmark with compile-max (bfloat16 channels_last)"
+  secs=$(limit 240 25)
+  run "ops compile-max" "$secs" "$OUT/bench_bfloat16_channels_last_max.txt" $PY benchmarks/bench_ops.py \
+    --device $DEVICE --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" \
+    --providers reference,compile,compile-max,native,triton --dtype bfloat16 --layout channels_last \
+    --reps $REPS --time-budget $((secs - 30)) --csv "$OUT/ops.csv"
+else
+  echo "compile-max run left out: under 100 s left" | tee -a "$OUT/steps.txt"
+fi
+
+step plots
+run plots "$(limit 60 0)" "$OUT/plot.log" $PY benchmarks/plot.py --ops-csv "$OUT/ops.csv" \
+  --train-csv "$OUT/train_step.csv" --out "$OUT/plots" --summary --commit all
 
 step summary
 cat "$OUT/env.txt"
-grep -E "passed|failed|error" "$OUT/cuda-tests.log" | tail -2
-for f in "$OUT"/bench_*.txt; do echo "-- $(basename "$f" .txt)"; grep -E "^(op |mutex_attention|mab|Traceback|[A-Za-z]*Error)" "$f"; done
+cat "$OUT/steps.txt"
+grep -E "passed|failed|error" "$OUT/cuda-tests.log" 2>/dev/null | tail -2
+grep -hE "^(FAILED|skipped provider|skipped backend|time budget|Traceback|[A-Za-z]*Error)" "$OUT"/bench_*.txt \
+  "$OUT/train_step.txt" 2>/dev/null | sort | uniq | head -20
+if [ -s "$OUT/plots/summary.md" ]; then
+  cat "$OUT/plots/summary.md"
+else  # no summary from plot.py: the benchmark tables themselves
+  for f in "$OUT"/bench_*.txt "$OUT/train_step.txt"; do
+    [ -f "$f" ] && { echo "-- $(basename "$f" .txt)"; grep -E "^(op |mutex_attention|mab|fab|model |manet|resnet50)" "$f"; }
+  done
+fi
+echo "total ${SECONDS}s; exit status $status"
 exit $status
