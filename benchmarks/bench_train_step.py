@@ -205,10 +205,6 @@ def ratio(v: float) -> str:
     return "-" if math.isnan(v) else f"{v:.2f}x"
 
 
-def split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -247,13 +243,13 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amps, layouts = split(args.amp), split(args.layout)
+    amps, layouts = bench_ops.split(args.amp), bench_ops.split(args.layout)
     for name, values, allowed in (("amp", amps, AMP), ("layout", layouts, bench_ops.LAYOUTS)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"unknown {name} {bad}; choose from {', '.join(allowed)}")
     backends, skipped = [], {}
-    for b in split(args.backends):
+    for b in bench_ops.split(args.backends):
         reason = unavailable_reason(b, device)
         if reason is None and b == "triton" and device.type == "cpu":
             reason = "on CPU it runs under Triton's interpreter (hours for a ResNet-50 step)"
