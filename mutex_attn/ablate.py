@@ -10,12 +10,11 @@ full model's on the same images.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
-from mutex_attn.train import write_text_atomic
+from mutex_attn.train import write_csv_atomic, write_text_atomic
 
 FULL = ("adaptive", "mab+fab")
 STUDIES = {
@@ -73,10 +72,7 @@ def run_ablation(settings: dict, *, output, studies: str = "loss,blocks", log=pr
                 row["p_vs_full"] = cmp["slice"]["p_value"]
             rows.append(row)
 
-    with open(root / "ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(root / "ablation.csv", rows)
     table = format_table(rows)
     write_text_atomic(root / "ablation.md", table + "\n")
     write_text_atomic(root / "ablation.json", json.dumps(rows, indent=2, default=str))

@@ -22,6 +22,7 @@ from mutex_attn.train import (
     model_from_checkpoint,
     pick_device,
     predict,
+    write_csv_atomic,
     write_text_atomic,
 )
 
@@ -91,11 +92,12 @@ def evaluate(
          "label": int(y), "prob_covid": float(p), "predicted": int(p >= threshold)}
         for s, y, p in zip(slices, labels, probs)
     ]
-    _write_predictions(out / PREDICTIONS, rows)
+    write_csv_atomic(out / PREDICTIONS, rows, ["image", "patient", "label", "prob_covid", "predicted"])
 
     results = evaluate_predictions(labels, probs, ds.patients, threshold=threshold)
     results["slice"]["loss"] = loss
-    for level, (y, s) in _level_scores(labels, probs, ds.patients).items():
+    levels = _level_scores(labels, probs, ds.patients)  # labels and scores per level, once
+    for level, (y, s) in levels.items():
         auc, low, high = _safe_ci(delong_auc_ci, y, s)
         results[level]["auc_ci95"] = [low, high]
     report = {
@@ -107,8 +109,7 @@ def evaluate(
                                          workers=workers, device=device, log=log)
 
     names = {"slice": "slice", "patient_mean": "patient (mean probability)"}
-    curves = {names[level]: pair for level, pair in _level_scores(labels, probs, ds.patients).items()
-              if len(set(pair[0].tolist())) == 2}
+    curves = {names[level]: pair for level, pair in levels.items() if len(set(pair[0].tolist())) == 2}
     if curves:
         plot_roc(curves, out / "roc.png", title=f"{config.model} on {split}")
     plot_confusion_matrix(results["slice"], out / "confusion_slice.png", title="slice level")
@@ -141,15 +142,6 @@ def _safe_ci(fn, y, s):
     if min(np.bincount(np.asarray(y, dtype=np.int64), minlength=2)) < 2:
         return math.nan, math.nan, math.nan
     return fn(y, s)
-
-
-def _write_predictions(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["image", "patient", "label", "prob_covid", "predicted"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def read_predictions(path) -> list[dict]:

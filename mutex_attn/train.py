@@ -11,6 +11,7 @@ written to a temporary file and renamed, so a crash never leaves a torn file beh
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -158,34 +159,42 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 # --- files -------------------------------------------------------------------------------------
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, flushed, then renamed over `path`."""
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+    """Open a temporary file beside `path`; on success it is flushed to disk and renamed over
+    `path`, so readers (and a crash) only ever see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        f.write(text)
 
 
-def write_summary(path: Path, rows: list[dict]) -> None:
-    """summary.csv from the run's history (rewritten whole, so it always matches last.pt)."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+def write_csv_atomic(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """A CSV of dict rows; columns default to every key, in first-seen order."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    with atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path) -> dict:
@@ -517,7 +526,7 @@ class Trainer:
                 save_atomic(ckpt, self.out / "last.pt")
                 if improved or self.val_set is None:
                     save_atomic(ckpt, self.out / "best.pt")
-                write_summary(self.out / "summary.csv", self.history)
+                write_csv_atomic(self.out / "summary.csv", self.history)  # whole, so it matches last.pt
                 self.log(_epoch_line(row, config.epochs, improved))
             if self.dist.enabled:
                 dist.barrier()
