@@ -51,6 +51,26 @@ def test_main_path_is_the_plain_backbone_and_ignores_the_mutex_input(net):
     assert not torch.equal(a.logits_mutex, b.logits_mutex)
 
 
+def test_only_the_main_path_updates_the_running_statistics(net):
+    """Inference runs the main path alone, so the stages' BatchNorm running statistics must
+    describe it: a training step on (x, x_mutex) updates them exactly as forward(x) does."""
+    import copy
+
+    _, model = net
+    model.train()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x, torch.randn(2, 3, 64, 64) * 3)
+        plain(x)
+    for (name, a), (_, b) in zip(model.stages.named_buffers(), plain.stages.named_buffers()):
+        assert torch.equal(a, b), name
+    # while the gate networks (only on the mutex path) do track theirs
+    gate_bn = model.attention[0].fab.gate.bn1
+    assert int(gate_bn.num_batches_tracked) == int(plain.attention[0].fab.gate.bn1.num_batches_tracked) + 1
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_export_matches_forward_exactly(net):
     name, model = net
     # Perturb every weight and BN statistic so that the export is checked away from the init.

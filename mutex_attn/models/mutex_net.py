@@ -8,10 +8,15 @@
     logits = head(pool(f)),  logits_mutex = head(pool(g))          (SPEC §2, paper Fig. 3)
 
 The two paths go through the stages in separate calls, so BatchNorm's batch statistics of the
-main path never see the mutex images: the main path is exactly the plain backbone.
+main path never see the mutex images: the main path is exactly the plain backbone. Only the
+main path updates the stages' BatchNorm running statistics: inference runs the main path
+alone, and the mutex path's features (scaled and shifted by the attention) would otherwise
+pull the running mean and variance away from it (a demo run validated at 0.5 accuracy with
+0.8 AUC before this: right ranking, wrong offset).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, NamedTuple, Sequence
 
@@ -29,6 +34,21 @@ class MutexOutput(NamedTuple):
     logits_mutex: torch.Tensor
     features: torch.Tensor  # last stage output of the main path, [N, C, H, W]
     features_mutex: torch.Tensor  # the same for the mutex path
+
+
+@contextlib.contextmanager
+def batch_stats_only(module: nn.Module):
+    """BatchNorm layers inside `module` normalise with the batch, as in training, but leave
+    their running statistics (and batch counters) alone."""
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 class MutexPassThrough(nn.Module):
@@ -133,7 +153,9 @@ class MutexNet(nn.Module):
         f, g = x, x_mutex
         for stage, attention in zip(self.stages, self.attention):
             f = stage(f)
-            g = attention(f, stage(g))
+            with batch_stats_only(stage) if self.training else contextlib.nullcontext():
+                g_stage = stage(g)
+            g = attention(f, g_stage)
         return MutexOutput(self.head(self.pool(f)), self.head(self.pool(g)), f, g)
 
     def export_backbone(self) -> nn.Module:
