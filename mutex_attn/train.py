@@ -1,7 +1,8 @@
 """`mutex-attn train`: train MA-Net (or a baseline) on a CT dataset.
 
 The paper's recipe is the default: 224 px, SGD lr 0.01, momentum 0.9, lr · 0.5^(epoch/30),
-batch 16, 120 epochs, flips and rotation. One process per GPU under `torchrun` (DDP, NCCL);
+batch 16, 120 epochs, flips and rotation. AdamW, a cosine schedule and a linear warm-up are
+options for short runs from scratch (the CPU demo). One process per GPU under `torchrun` (DDP, NCCL);
 the same code on CPU (gloo), or as a single process.
 
 Everything random is a function of the seed and the epoch (sample order, mutex partners,
@@ -33,9 +34,11 @@ from mutex_attn.losses import MODES as LOSS_MODES
 from mutex_attn.losses import AdaptiveMutexLoss
 from mutex_attn.models import BLOCKS, MODEL_NAMES, MUTEX_MODELS, create_model
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the lr scheduler steps once per optimiser step (1: per epoch)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BEST_METRICS = ("auc", "patient_auc", "accuracy", "loss")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("halving", "cosine")
 
 
 @dataclass
@@ -48,10 +51,13 @@ class TrainConfig:
     pretrained: str | None = None  # "imagenet" (local torch hub cache) or a weights file
     epochs: int = 120
     batch_size: int = 16
+    optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD momentum; AdamW's beta1
     weight_decay: float = 0.0
-    lr_half_life: float = 30.0  # lr · 0.5^(epoch / lr_half_life), the paper's eq. 17
+    schedule: str = "halving"  # halving: lr · 0.5^(epoch / lr_half_life), the paper's eq. 17 | cosine
+    lr_half_life: float = 30.0
+    warmup_epochs: float = 0.0  # linear warm-up from lr / 100, step by step
     img_size: int = 224
     augment: bool = True  # horizontal and vertical flips, random rotation
     rotation: float = 15.0  # degrees
@@ -87,14 +93,16 @@ class TrainConfig:
         choose("blocks", self.blocks, BLOCKS)
         choose("amp", self.amp, (None, *AMP_DTYPES))
         choose("best_metric", self.best_metric, BEST_METRICS)
+        choose("optimizer", self.optimizer, OPTIMIZERS)
+        choose("schedule", self.schedule, SCHEDULES)
         choose("on_error", self.on_error, ("raise", "skip"))
         for name in ("epochs", "batch_size", "img_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.batch_size < 2 and self.model in MUTEX_MODELS:
             raise ValueError("MA-Net trains with batches of at least 2 (its gate network uses BatchNorm)")
-        if not self.lr > 0 or self.lr_half_life <= 0 or self.workers < 0:
-            raise ValueError("lr and lr_half_life must be > 0 and workers >= 0")
+        if not self.lr > 0 or self.lr_half_life <= 0 or self.workers < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr and lr_half_life must be > 0, workers and warmup_epochs >= 0")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be > 0; got {self.clip_grad}")
 
@@ -331,6 +339,26 @@ def _score(metrics: dict, best_metric: str) -> float:
     return -value if best_metric == "loss" else value
 
 
+def lr_factor(config: TrainConfig, steps_per_epoch: int):
+    """The learning-rate multiplier as a function of the optimiser step: the paper's halving
+    per epoch (eq. 17) or a cosine decay to zero over the run, after an optional linear warm-up
+    from 1 % over `warmup_epochs`."""
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if config.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+        else:
+            decay = 0.5 ** ((step // steps_per_epoch) / config.lr_half_life)
+        if step < warmup:
+            decay *= 0.01 + 0.99 * step / warmup
+        return decay
+
+    return factor
+
+
 # --- the trainer -------------------------------------------------------------------------------
 
 class Trainer:
@@ -378,13 +406,22 @@ class Trainer:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.core = model
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
-        half_life = config.lr_half_life
+        if config.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                model.parameters(), lr=config.lr, betas=(config.momentum, 0.999),
+                weight_decay=config.weight_decay,
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                model.parameters(), lr=config.lr, momentum=config.momentum,
+                weight_decay=config.weight_decay,
+            )
+        self.steps_per_epoch = len(self.loader)
+        if config.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
+        # Stepped once per optimiser step, so that a warm-up can ramp within an epoch.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: 0.5 ** (epoch / half_life)
+            self.optimizer, lr_factor(config, self.steps_per_epoch)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.criterion = AdaptiveMutexLoss(config.loss)
@@ -412,6 +449,9 @@ class Trainer:
     # -- checkpoints --
 
     def _restore(self, ckpt: dict) -> None:
+        if ckpt.get("version", 1) < CHECKPOINT_VERSION:
+            raise ValueError(f"{ckpt['path']} was written by an older mutex_attn whose learning-rate "
+                             "schedule stepped per epoch: it can be evaluated, not resumed")
         self.core.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -461,6 +501,7 @@ class Trainer:
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.scheduler.step()
         return {k: v.detach().float() for k, v in stats.items()}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -511,7 +552,6 @@ class Trainer:
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch + 1, "lr": lr, **self.train_epoch(epoch)}
-            self.scheduler.step()
             improved = False
             if self.dist.main:
                 if self.val_set is not None:
@@ -577,6 +617,9 @@ def _resumed_config(saved: TrainConfig, asked: dict) -> TrainConfig:
                 f"--resume continues the saved run; it cannot change {key} "
                 f"(saved {values.get(key)!r}, asked {value!r}). Allowed: {', '.join(RESUMABLE_CHANGES)}"
             )
+    if saved.schedule == "cosine" and values["epochs"] != saved.epochs:
+        warnings.warn(f"the cosine schedule now decays over {values['epochs']} epochs instead of "
+                      f"{saved.epochs}: the epochs already run followed the old length")
     return TrainConfig.from_dict(values)
 
 

@@ -37,19 +37,60 @@ def quiet(*args):
     pass
 
 
-def test_resume_continues_exactly(tiny_ct, tmp_path):
-    train(settings(tiny_ct, tmp_path / "straight"), log=quiet)
-    train(settings(tiny_ct, tmp_path / "resumed", epochs=1), log=quiet)
+@pytest.mark.parametrize("recipe", [{}, dict(optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=0.5)],
+                         ids=["paper-sgd", "adamw-cosine-warmup"])
+def test_resume_continues_exactly(tiny_ct, tmp_path, recipe):
+    train(settings(tiny_ct, tmp_path / "straight", **recipe), log=quiet)
+
+    def crash_after_first_epoch(line):
+        if line.startswith("epoch"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_ct, tmp_path / "resumed", **recipe), log=crash_after_first_epoch)
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
     # a different worker count must not matter: augmentation is seeded per (seed, epoch, index)
-    train(resume=str(tmp_path / "resumed"), overrides={"epochs": 2, "workers": 1}, log=quiet)
+    train(resume=str(tmp_path / "resumed"), overrides={"workers": 1}, log=quiet)
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+        assert sa.keys() == sb.keys()
+        for key in sa:  # SGD's momentum buffer; AdamW's step count and moments
+            assert torch.equal(sa[key], sb[key]), key
+    assert a["scheduler"] == b["scheduler"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
+
+
+def test_learning_rate_schedules(tiny_ct, tmp_path):
+    from mutex_attn.train import lr_factor
+
+    paper = TrainConfig(epochs=4, lr_half_life=2.0)
+    assert [lr_factor(paper, 10)(s) for s in (0, 9, 10, 25, 39)] == pytest.approx(
+        [1.0, 1.0, 0.5 ** 0.5, 0.5, 0.5 ** 1.5])  # eq. 17: constant within an epoch
+    cosine = TrainConfig(epochs=4, schedule="cosine", warmup_epochs=1.0)
+    f = lr_factor(cosine, 10)
+    assert f(0) == pytest.approx(0.01)  # warm-up starts at 1 %
+    assert f(5) == pytest.approx((0.01 + 0.99 * 0.5) * 0.5 * (1 + math.cos(math.pi * 5 / 40)))
+    assert f(20) == pytest.approx(0.5) and f(40) == pytest.approx(0.0)
+    # the scheduler steps per optimiser step: within the first epoch the lr ramps up
+    trainer = Trainer(settings(tiny_ct, tmp_path / "run", optimizer="adamw", lr=1e-3, epochs=2,
+                               schedule="cosine", warmup_epochs=1.0), log=quiet)
+    assert trainer.steps_per_epoch == 2
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([1e-5, 1e-3 * (0.01 + 0.99 * 0.5) * 0.5 * (1 + math.cos(math.pi / 4)),
+                                 1e-3 * 0.5, 1e-3 * 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(warmup_epochs=-1)
 
 
 def test_run_folder_contents(tiny_ct, tmp_path):
@@ -94,6 +135,14 @@ def test_resume_refuses_to_change_the_recipe(tiny_ct, tmp_path):
     train(settings(tiny_ct, tmp_path / "run", epochs=1), log=quiet)
     with pytest.raises(ValueError, match="cannot change lr"):
         train(resume=str(tmp_path / "run"), overrides={"lr": 0.1}, log=quiet)
+    # a version-1 checkpoint (scheduler stepped per epoch) cannot continue the same schedule
+    from mutex_attn.train import save_atomic
+
+    old = load_checkpoint(tmp_path / "run")
+    old["version"] = 1
+    save_atomic({k: v for k, v in old.items() if k != "path"}, tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match="evaluated, not resumed"):
+        train(resume=str(tmp_path / "run"), overrides={"epochs": 2}, log=quiet)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -101,6 +150,7 @@ def test_resume_refuses_to_change_the_recipe(tiny_ct, tmp_path):
     ({"loss": "focal"}, "loss must be one of"),
     ({"blocks": "fab"}, "blocks must be one of"),
     ({"amp": "fp8"}, "amp must be one of"),
+    ({"schedule": "step"}, "schedule must be one of"),
     ({"batch_size": 1}, "batches of at least 2"),
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"colour": 1}, "unknown training setting"),
