@@ -486,10 +486,11 @@ def _read_numeric_csv(summary_csv) -> dict[str, np.ndarray]:
 
 
 def _panel_of(name: str) -> int | None:
-    """Which panel a training-summary column belongs to: 0 losses, 1 loss weights, 2 learning
-    rate, 3 validation metrics; None for columns not plotted (epoch, counters, timings)."""
+    """Which panel a training-summary column belongs to: 0 losses, 1 loss weights and gradient
+    norm, 2 learning rate, 3 validation metrics; None for columns not plotted (epoch, counters,
+    timings)."""
     low = name.lower()
-    if "weight" in low and "decay" not in low:      # weight_ce, train_weight_cs, ...
+    if ("weight" in low and "decay" not in low) or "grad_norm" in low:  # weight_ce, train_grad_norm
         return 1
     if low in ("lr", "learning_rate") or low.startswith("lr_") or low.endswith("_lr"):
         return 2
@@ -523,7 +524,7 @@ def plot_training_curves(summary_csv, path) -> None:
                          f"(numeric columns: {sorted(cols)})")
 
     fig = _new_figure((11, 8))
-    titles = ("losses", "loss weights", "learning rate", "validation metrics")
+    titles = ("losses", "loss weights, gradient norm", "learning rate", "validation metrics")
     for k, (title, names) in enumerate(zip(titles, panels)):
         ax = fig.add_subplot(2, 2, k + 1)
         ax.set_title(title)
@@ -535,7 +536,9 @@ def plot_training_curves(summary_csv, path) -> None:
         for name in names:
             ax.plot(x, cols[name], marker="o", ms=3, lw=1.5, label=name)
         finite = np.concatenate([cols[c][np.isfinite(cols[c])] for c in names])
-        if k == 2 and finite.size and finite.min() > 0 and finite.max() / finite.min() > 10:
+        # Log scale where values span decades (lr schedules, an early val-loss spike, the
+        # gradient norm next to loss weights of ~1); metrics in [0, 1] stay linear.
+        if k != 3 and finite.size and finite.min() > 0 and finite.max() / finite.min() > 10:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()

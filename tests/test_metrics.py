@@ -380,8 +380,9 @@ def test_plot_training_curves_full(tmp_path):
 
 
 def test_training_curve_panels():
-    # 0 losses, 1 loss weights, 2 learning rate, 3 validation metrics, None not drawn
+    # 0 losses, 1 loss weights and gradient norm, 2 learning rate, 3 validation metrics, None not drawn
     want = {"train_loss": 0, "train_ce": 0, "train_cs": 0, "val_loss": 0, "weight_ce": 1,
+            "train_grad_norm": 1,
             "weight_cs": 1, "train_weight_ce": 1, "train_weight_cs": 1, "lr": 2, "val_acc": 3,
             "val_accuracy": 3, "val_auc": 3, "val_patient_auc": 3, "seconds": None,
             "weight_decay": None}
