@@ -72,7 +72,7 @@ def attention_views(model: MutexNet, image: torch.Tensor, partner: torch.Tensor)
     return out
 
 
-def _denormalise(x: torch.Tensor) -> np.ndarray:
+def denormalise(x: torch.Tensor) -> np.ndarray:
     from mutex_attn.data.transforms import MEAN, STD
 
     mean = torch.tensor(MEAN).view(3, 1, 1)
@@ -84,7 +84,7 @@ def save_panel(path: Path, image: torch.Tensor, maps: dict[str, np.ndarray], tit
     """One row: the image, then each map overlaid on it."""
     from matplotlib.figure import Figure
 
-    rgb = _denormalise(image)
+    rgb = denormalise(image)
     fig = Figure(figsize=(2.6 * (1 + len(maps)), 3.0))
     axes = fig.subplots(1, 1 + len(maps))
     axes[0].imshow(rgb)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -293,7 +294,12 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
+        # Bad input (a missing folder, an unknown setting) reads better without a traceback;
+        # MUTEX_ATTN_TRACEBACK=1 shows it, for when the error comes from deeper down.
+        if os.environ.get("MUTEX_ATTN_TRACEBACK", "") not in ("", "0"):
+            raise
         print(f"mutex-attn {args.command}: error: {e}", file=sys.stderr)
+        print("(MUTEX_ATTN_TRACEBACK=1 shows where it came from)", file=sys.stderr)
         return 2
 
 

@@ -116,7 +116,7 @@ def evaluate(
     if "patient_mean" in results:
         plot_confusion_matrix(results["patient_mean"], out / "confusion_patient.png",
                               title="patient level (mean probability)")
-    write_text_atomic(out / "metrics.json", json.dumps(_jsonable(report), indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(to_jsonable(report), indent=2))
     log(format_metrics_table(results))
     if "compare" in report:
         c = report["compare"]
@@ -190,12 +190,12 @@ def compare_runs(rows: list[dict], other: str, *, split: str, data, dataset, wor
     return result
 
 
-def _jsonable(obj):
+def to_jsonable(obj):
     """NaN → null (strict JSON), numpy → Python."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         return None if math.isnan(float(obj)) else float(obj)
     if isinstance(obj, np.integer):

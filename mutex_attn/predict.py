@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mutex_attn.data.datasets import LUNG_WINDOW
 from mutex_attn.data.transforms import MEAN, STD, eval_transform
-from mutex_attn.evaluate import _jsonable, resolve_checkpoint
+from mutex_attn.evaluate import to_jsonable, resolve_checkpoint
 from mutex_attn.train import AMP_DTYPES, load_checkpoint, model_from_checkpoint, pick_device, write_text_atomic
 
 EXPORT_FORMAT = "mutex_attn-export"
@@ -152,7 +152,7 @@ def calibrate(checkpoint, target_sensitivity: float, *, level: str = "patient", 
         "split": "val", "data": str(data), "checkpoint": str(path),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    write_text_atomic(path.parent / THRESHOLD_FILE, json.dumps(_jsonable(record), indent=2))
+    write_text_atomic(path.parent / THRESHOLD_FILE, json.dumps(to_jsonable(record), indent=2))
     log(f"threshold {chosen['threshold']:.4f}: validation sensitivity {chosen['sensitivity']:.3f} "
         f"(target {target_sensitivity}), specificity {chosen['specificity']:.3f} on "
         f"{chosen['positives']} + {chosen['negatives']} {level}s; saved to {path.parent / THRESHOLD_FILE}")
@@ -398,7 +398,7 @@ def predict_scan(
         "seconds": {"load_model": t_load - t0, "read": t_read - t_load, "model": t_model - t_read,
                     "total": time.perf_counter() - t0},
     }
-    write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(to_jsonable(summary), indent=2))
     vote = result["majority_vote"]
     log(f"{input_path}: P(COVID) = {result['probability']:.3f} over {len(used)} slices, threshold "
         f"{predictor.threshold:.3f} -> {result['decision']} (majority vote: {vote['positive_slices']}/"
@@ -423,7 +423,7 @@ def _montage(predictor: Predictor, scan, ranked: list[int], prob_of: dict, path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from mutex_attn.cam import _denormalise
+    from mutex_attn.cam import denormalise
 
     tf = predictor.transform()
     x = torch.stack([tf(scan.slices[i].rgb()) for i in ranked])
@@ -435,7 +435,7 @@ def _montage(predictor: Predictor, scan, ranked: list[int], prob_of: dict, path:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
     for ax, k in zip(axes, range(len(ranked))):
         i = ranked[k]
-        ax.imshow(_denormalise(x[k]))
+        ax.imshow(denormalise(x[k]))
         if maps is not None and maps[k].max() > 0:  # an all-zero map would only tint the slice
             ax.imshow(maps[k], cmap="jet", alpha=0.4, vmin=0, vmax=1)
         name = Path(scan.slices[i].name).name
@@ -569,7 +569,7 @@ def export_model(run, output, *, onnx: bool = True, opset: int = 17, log=print) 
         else:
             meta["onnx"] = {"error": problem}
             warnings.warn(f"no ONNX file: {problem}")
-    write_text_atomic(out / METADATA, json.dumps(_jsonable(meta), indent=2))
+    write_text_atomic(out / METADATA, json.dumps(to_jsonable(meta), indent=2))
     log(f"exported {config.model} from {path} to {out}: {TORCHSCRIPT}"
         + (f", {ONNX_FILE}" if meta["files"]["onnx"] else "") + f", {METADATA} (threshold {threshold:.3f})")
     return meta

@@ -47,11 +47,11 @@ from mutex_attn.data.datasets import (
     IMAGE_SUFFIXES,
     LUNG_WINDOW,
     DatasetError,
-    _as_3d,
-    _intensity_of,
-    _nifti_stem,
-    _stored,
-    _volume_slice_to_rgb,
+    as_3d,
+    intensity_of,
+    nifti_stem,
+    stored_array,
+    volume_slice_to_rgb,
     to_rgb,
     window_hu,
 )
@@ -368,24 +368,24 @@ def read_nifti(path) -> Scan:
     path = Path(path)
     try:
         img = nib.load(str(path))
-        raw, slope, inter = _stored(img)  # read once, in the stored dtype (int16 stays int16)
-        raw = _as_3d(raw, path)
+        raw, slope, inter = stored_array(img)  # read once, in the stored dtype (int16 stays int16)
+        raw = as_3d(raw, path)
     except DatasetError as exc:
         raise ScanError(str(exc)) from None
     except Exception as exc:
         raise ScanError(f"{path}: not a readable NIfTI volume ({type(exc).__name__}: {exc})") from None
     # Training's rule, from the whole volume's range: values all in [0, 255] = already windowed.
     lo, hi = float(np.nanmin(raw)) * slope + inter, float(np.nanmax(raw)) * slope + inter
-    intensity = _intensity_of(min(lo, hi), max(lo, hi))
+    intensity = intensity_of(min(lo, hi), max(lo, hi))
     # Position of slice k: the world coordinate of voxel (0, 0, k) along the slice axis.
     axis = img.affine[:3, 2]
     unit = axis / (np.linalg.norm(axis) or 1.0)
     origin, step = float(np.dot(img.affine[:3, 3], unit)), float(np.linalg.norm(axis))
-    stem = _nifti_stem(path)
+    stem = nifti_stem(path)
     slices = []
     for k in range(raw.shape[2]):
         values = raw[:, :, k].astype(np.float32) * np.float32(slope) + np.float32(inter)
-        grey = np.asarray(_volume_slice_to_rgb(values, intensity))[..., 0]
+        grey = np.asarray(volume_slice_to_rgb(values, intensity))[..., 0]
         slices.append(ScanSlice(f"{stem}#{k}", np.ascontiguousarray(grey), origin + k * step))
     return Scan("nifti", str(path), slices, [], {"intensity": intensity, "shape": list(raw.shape)})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,17 @@ def test_timer_interleaves_and_counts_runs():
     assert all(t >= 0 for v in times.values() for t in v)
     assert calls == ["a", "setup b", "b",                     # warm-up
                      "a", "setup b", "b", "setup b", "b", "a", "a", "setup b", "b"]  # rounds, rotating
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_row_kernels_bench_builds_and_runs(tmp_path):
+    """The stand-alone row-kernel timer compiles against csrc/cpu/row_kernels.h as it is and
+    reports a finite time for each of the four fused-path kernels."""
+    exe = tmp_path / "row_kernels_bench"
+    subprocess.run(["g++", "-O1", "-std=c++17", "-fopenmp", "-ffp-contract=off", f"-I{ROOT / 'csrc'}",
+                    str(BENCH / "row_kernels_bench.cpp"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "49", "6", "2"], check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("K")]
+    assert [r[0] for r in rows] == ["K1", "K2", "K3", "K4"]
+    assert all(math.isfinite(float(r[-3])) and float(r[-3]) >= 0 for r in rows)
+    assert subprocess.run([str(exe), "0"], capture_output=True).returncode == 2

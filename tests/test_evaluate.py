@@ -116,7 +116,7 @@ def test_cam_panels_and_attention_views(tiny_ct, two_runs, tmp_path):
     assert cam.shape == (2, 64, 64) and np.isfinite(cam).all()
 
 
-def test_cli_train_with_yaml_config_and_flags(tiny_ct, tmp_path):
+def test_cli_train_with_yaml_config_and_flags(tiny_ct, tmp_path, capsys, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text("img-size: 32\nbatch_size: 4\nepochs: 3\nworkers: 0\nmax_steps_per_epoch: 1\nlr: 0.02\n")
     out = tmp_path / "run"
@@ -128,6 +128,11 @@ def test_cli_train_with_yaml_config_and_flags(tiny_ct, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")
     assert main(["train", "--config", str(bad), "--data", str(tiny_ct)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting(s) ['epochz']" in err and "MUTEX_ATTN_TRACEBACK=1" in err
+    monkeypatch.setenv("MUTEX_ATTN_TRACEBACK", "1")  # the traceback, for errors from deeper down
+    with pytest.raises(ValueError, match="epochz"):
+        main(["train", "--config", str(bad), "--data", str(tiny_ct)])
 
 
 def test_ablate_writes_one_table(tiny_ct, tmp_path):

@@ -159,7 +159,7 @@ def _intensity_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(x, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
-def _intensity_of(vmin: float, vmax: float) -> str:
+def intensity_of(vmin: float, vmax: float) -> str:
     """Radiopaedia volumes of the Ma et al. set are stored windowed to [0, 255], not in HU."""
     return "uint8" if vmin >= 0.0 and vmax <= 255.0 else "hu"
 
@@ -181,7 +181,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _volume_slice_to_rgb(values: np.ndarray, intensity: str) -> Image.Image:
+def volume_slice_to_rgb(values: np.ndarray, intensity: str) -> Image.Image:
     if intensity not in ("hu", "uint8"):
         raise DatasetError(f"unknown slice intensity {intensity!r}; expected 'hu' or 'uint8'")
     grey = window_hu(values) if intensity == "hu" else _intensity_to_uint8(values)
@@ -246,7 +246,7 @@ class SliceDataset(Dataset):
             raise
         except Exception as exc:
             raise DatasetError(f"cannot read slice {s.index} of {s.source}: {exc}") from exc
-        return _volume_slice_to_rgb(values, intensity)
+        return volume_slice_to_rgb(values, intensity)
 
     def cache_info(self) -> dict:
         """hits / misses of the volume cache and the volumes it holds now."""
@@ -267,7 +267,7 @@ class SliceDataset(Dataset):
     def _volume_intensity(self, path: str, img) -> str:
         # Only for records built by hand without `intensity`: reads the volume once.
         if path not in self._intensity:
-            self._intensity[path] = _intensity_of(*_value_range(img, Path(path)))
+            self._intensity[path] = intensity_of(*_value_range(img, Path(path)))
         return self._intensity[path]
 
     def __getstate__(self):
@@ -741,7 +741,7 @@ def _load_folder(root: Path, opts: _Options) -> list[Slice]:
 # --------------------------------------------------------------------------------------------
 # nifti
 # --------------------------------------------------------------------------------------------
-def _nifti_stem(p: Path) -> str:
+def nifti_stem(p: Path) -> str:
     name = p.name
     for suf in (".nii.gz", ".nii"):
         if name.lower().endswith(suf):
@@ -811,8 +811,8 @@ def _match_mask(volume: Path, mask_dir: Path) -> Path:
     for m in masks:
         if m.name == volume.name:
             return m
-    key = _mask_key(_nifti_stem(volume))
-    hits = [m for m in masks if _nifti_stem(m) == _nifti_stem(volume) or _mask_key(_nifti_stem(m)) == key]
+    key = _mask_key(nifti_stem(volume))
+    hits = [m for m in masks if nifti_stem(m) == nifti_stem(volume) or _mask_key(nifti_stem(m)) == key]
     if len(hits) == 1:
         return hits[0]
     if not hits:
@@ -822,7 +822,7 @@ def _match_mask(volume: Path, mask_dir: Path) -> Path:
                        + ", ".join(m.name for m in hits))
 
 
-def _as_3d(a: np.ndarray, path: Path) -> np.ndarray:
+def as_3d(a: np.ndarray, path: Path) -> np.ndarray:
     while a.ndim > 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim != 3:
@@ -830,7 +830,7 @@ def _as_3d(a: np.ndarray, path: Path) -> np.ndarray:
     return a
 
 
-def _stored(img) -> tuple[np.ndarray, float, float]:
+def stored_array(img) -> tuple[np.ndarray, float, float]:
     """The volume as stored (no float copy: int16 stays int16) and its scaling: value =
     stored * slope + inter."""
     proxy = img.dataobj
@@ -840,15 +840,15 @@ def _stored(img) -> tuple[np.ndarray, float, float]:
 
 
 def _value_range(img, path: Path) -> tuple[float, float]:
-    raw, slope, inter = _stored(img)
-    raw = _as_3d(raw, path)
+    raw, slope, inter = stored_array(img)
+    raw = as_3d(raw, path)
     lo, hi = (float(np.nanmin(raw)) * slope + inter, float(np.nanmax(raw)) * slope + inter)
     return min(lo, hi), max(lo, hi)
 
 
 def _nonempty_slices(path: Path, shape: tuple) -> np.ndarray:
-    raw, slope, inter = _stored(_nib().load(str(path)))
-    m = _as_3d(raw, path)
+    raw, slope, inter = stored_array(_nib().load(str(path)))
+    m = as_3d(raw, path)
     if m.shape != shape:
         raise DatasetError(f"mask {path} has shape {m.shape}, its volume has {shape}")
     nonzero = (m != 0) if inter == 0.0 and slope != 0.0 else (m * slope + inter != 0)
@@ -859,10 +859,10 @@ def _volume_slices(volume: Path, layout: _NiftiLayout) -> list[Slice]:
     infection = _match_mask(volume, layout.infection_dir)
     lung = _match_mask(volume, layout.lung_dir)
     img = _nib().load(str(volume))
-    intensity = _intensity_of(*_value_range(img, volume))  # one full read of the volume
+    intensity = intensity_of(*_value_range(img, volume))  # one full read of the volume
     shape = tuple(int(n) for n in img.shape[:3])
     inf, lun = _nonempty_slices(infection, shape), _nonempty_slices(lung, shape)
-    patient = _nifti_stem(volume)
+    patient = nifti_stem(volume)
     out = []
     for k in range(shape[2]):
         if inf[k] or lun[k]:
@@ -882,8 +882,8 @@ def _load_nifti(root: Path, opts: _Options) -> list[Slice]:
                 "patient-level train/val/test split needs at least 3 (one volume = one patient); "
                 "use split='all' or add volumes"
             )
-        assign = _random_split((_nifti_stem(v) for v in volumes), opts, salt=0)
-        chosen = [v for v in volumes if assign[_nifti_stem(v)] == opts.split]
+        assign = _random_split((nifti_stem(v) for v in volumes), opts, salt=0)
+        chosen = [v for v in volumes if assign[nifti_stem(v)] == opts.split]
     out: list[Slice] = []
     bad: list[str] = []
     for v in chosen:

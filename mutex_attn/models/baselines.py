@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mutex_attn.models.torchvision_backbones import _load_backbone_weights
+from mutex_attn.models.torchvision_backbones import load_backbone_weights
 
 
 def _timm_model(name: str, num_classes: int, pretrained, **kwargs) -> nn.Module:
@@ -22,7 +22,7 @@ def _timm_model(name: str, num_classes: int, pretrained, **kwargs) -> nn.Module:
                 "pretrained='/path/to/weights.pth' (mutex_attn never downloads)"
             )
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        _load_backbone_weights(model, state, "fc.")
+        load_backbone_weights(model, state, "fc.")
     return model
 
 

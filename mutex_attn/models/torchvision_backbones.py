@@ -32,7 +32,7 @@ def _local_weights(weights_enum, pretrained) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_backbone_weights(model: nn.Module, state: dict, head_prefix: str) -> None:
+def load_backbone_weights(model: nn.Module, state: dict, head_prefix: str) -> None:
     """Load ImageNet weights; the head is kept fresh when its shape differs (e.g. 2 classes)."""
     own = model.state_dict()
     state = {
@@ -65,7 +65,7 @@ def resnet50(num_classes: int = 2, pretrained=False) -> torchvision.models.ResNe
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     if pretrained:
         state = _local_weights(torchvision.models.ResNet50_Weights.IMAGENET1K_V1, pretrained)
-        _load_backbone_weights(model, state, "fc.")
+        load_backbone_weights(model, state, "fc.")
     return model
 
 
@@ -110,7 +110,7 @@ def densenet169(num_classes: int = 2, pretrained=False) -> torchvision.models.De
     if pretrained:
         state = _local_weights(torchvision.models.DenseNet169_Weights.IMAGENET1K_V1, pretrained)
         state = {_OLD_DENSE_KEY.sub(r"\1\2", k): v for k, v in state.items()}
-        _load_backbone_weights(model, state, "classifier.")
+        load_backbone_weights(model, state, "classifier.")
     return model
 
 
