@@ -17,19 +17,21 @@
 
 namespace mutex_attn {
 
-// e^x for the softmax, x = d − mu <= 0 (or NaN). On the host a branch-free Cody–Waite
+// e^x for the softmax, x = d − mu <= 0 (or NaN, or −inf). On the host a branch-free Cody–Waite
 // reduction with the Cephes polynomial (about 1 ulp) that the compiler vectorizes, unlike
 // std::exp; explicit fmaf because host code is built with -ffp-contract=off (see sq_dist).
-// NaN stays NaN; x below −87.3 gives exactly 0, as expf would.
+// x below −87.3 gives exactly 0, as expf would; NaN stays NaN without a test of its own (every
+// step propagates it). x > 0 never occurs (d <= mu exactly) and is not handled.
 MA_HD float exp_softmax(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  const bool is_nan = x != x;
-  float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
-  xc = is_nan ? 0.0f : xc;
-  // Round to nearest with the 1.5·2^23 trick (std::floor blocks GCC's vectorizer here).
-  float n = std::fmaf(xc, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+  const float xc = x < -87.3f ? -87.3f : x;
+  // t = 1.5·2^23 + round(xc·log2 e): the rounded n sits in t's low mantissa bits, so 2^n is
+  // built from t's bits directly, with no float-to-int conversion (std::floor would block
+  // GCC's vectorizer).
+  const float t = std::fmaf(xc, 1.44269504088896341f, 12582912.0f);
+  const float n = t - 12582912.0f;
   float r = std::fmaf(n, -0.693359375f, xc);
   r = std::fmaf(n, 2.12194440e-4f, r);
   float p = std::fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
@@ -38,11 +40,12 @@ MA_HD float exp_softmax(float x) {
   p = std::fmaf(p, r, 1.6666665459e-1f);
   p = std::fmaf(p, r, 5.0000001201e-1f);
   p = std::fmaf(p * r, r, r + 1.0f);
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;  // n + 127 in the exponent field: 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float result = x < -87.3f ? 0.0f : p * scale;
-  return is_nan ? x : result;
+  return x < -87.3f ? 0.0f : p * scale;
 #endif
 }
 
