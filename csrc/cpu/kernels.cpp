@@ -2,8 +2,8 @@
 // at::parallel_for over rows) around the row kernels of row_kernels.h, which do the work one
 // row (sample, channel) at a time, with accumulation in float (double for double inputs).
 //
-// Inputs of any layout are made NCHW-contiguous first (on CPU a copy is cheap next to the
-// work); outputs are NCHW-contiguous. Each row is reduced in one fixed order, so results do
+// The fused MutexAttention ops read channels_last in place and write channels_last outputs;
+// the MAB and FAB piece ops make inputs of any layout NCHW-contiguous first and write NCHW. Each row is reduced in one fixed order, so results do
 // not depend on the thread count: the same inputs give bitwise the same outputs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +24,7 @@ namespace mutex_attn {
 namespace {
 
 using at::Tensor;
+using namespace cpu_rows;  // the row kernels (row_kernels.h)
 
 // Rows of one feature map: a contiguous NCHW copy (or the tensor itself) and its geometry.
 struct Rows {
@@ -43,7 +44,29 @@ void for_rows(int64_t rows, int64_t length, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
-using namespace cpu_rows;  // the row kernels (row_kernels.h)
+// The fused MutexAttention ops (K1..K4) read channels_last in place: x decides the layout and
+// y, dout follow it (the Python layer passes them so already; a direct call may not).
+// Same test as the fake kernels: dense channels_last and not also NCHW-contiguous.
+bool is_channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+struct Units {  // the work units of a fused-op kernel: rows (NCHW) or channel blocks (NHWC)
+  bool nhwc;
+  int64_t channels, count, length;
+};
+
+Units fused_units(const Tensor& x) {
+  check_4d(x, "x");
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
+  if (is_channels_last(x)) return {true, C, N * channel_blocks(C), L * kLanes};
+  return {false, C, N * C, L};
+}
+
+Tensor in_layout(const Tensor& t, const Units& u, const char* name) {
+  check_4d(t, name);
+  return t.contiguous(u.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
 
 // ---------------------------------------------------------------- ops
 std::tuple<Tensor, Tensor, Tensor> mab_forward(const Tensor& x_in, const Tensor& y_in) {
@@ -149,16 +172,21 @@ std::tuple<Tensor, Tensor, Tensor> fab_blend_backward(const Tensor& dout_in, con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mutex_attention_stats(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
-  auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
-  check_positions(x.rows, x.length, "mutex_attention_stats");
-  auto acc = acc_type(x.t);
-  Tensor v = per_row(x.t, acc), mu = per_row(x.t, acc), z = per_row(x.t, acc),
-         k = per_row(x.t, at::kLong);
-  MA_DISPATCH(x.t, "mutex_attention_stats", [&] {
+  const Units u = fused_units(x_in);
+  Tensor x = in_layout(x_in, u, "x"), y = in_layout(y_in, u, "y");
+  const int64_t L = x.size(2) * x.size(3);
+  check_positions(x.size(0) * x.size(1), L, "mutex_attention_stats");
+  auto acc = acc_type(x);
+  Tensor v = per_row(x, acc), mu = per_row(x, acc), z = per_row(x, acc), k = per_row(x, at::kLong);
+  MA_DISPATCH(x, "mutex_attention_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
-      stats_rows<scalar_t, acc_t>(in<scalar_t>(x.t), in<scalar_t>(y.t), out<acc_t>(v),
-                                  out<acc_t>(mu), out<acc_t>(z), out<int64_t>(k), x.length, r0, r1);
+    for_rows(u.count, u.length, [&](int64_t r0, int64_t r1) {
+      if (u.nhwc)
+        stats_nhwc<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), out<acc_t>(v), out<acc_t>(mu),
+                                    out<acc_t>(z), out<int64_t>(k), u.channels, L, r0, r1);
+      else
+        stats_rows<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), out<acc_t>(v), out<acc_t>(mu),
+                                    out<acc_t>(z), out<int64_t>(k), L, r0, r1);
     });
   });
   return {v, mu, z, k};
@@ -167,17 +195,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mutex_attention_stats(const Tensor& x
 Tensor mutex_attention_apply(const Tensor& x_in, const Tensor& y_in, const Tensor& gate_in,
                              const Tensor& mu_in, const Tensor& z_in) {
   check_same(x_in, y_in, "x", "y");
-  auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y");
-  auto acc = acc_type(x.t);
-  Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), mu = row_tensor(mu_in, x.t, acc, "row_max"),
-         z = row_tensor(z_in, x.t, acc, "row_sum");
-  Tensor result = at::empty_like(x.t);
-  MA_DISPATCH(x.t, "mutex_attention_apply", [&] {
+  const Units u = fused_units(x_in);
+  Tensor x = in_layout(x_in, u, "x"), y = in_layout(y_in, u, "y");
+  const int64_t L = x.size(2) * x.size(3);
+  auto acc = acc_type(x);
+  Tensor gate = row_tensor(gate_in, x, acc, "gate"), mu = row_tensor(mu_in, x, acc, "row_max"),
+         z = row_tensor(z_in, x, acc, "row_sum");
+  Tensor result = at::empty_like(x);  // x's layout
+  MA_DISPATCH(x, "mutex_attention_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
-      apply_rows<scalar_t, acc_t>(in<scalar_t>(x.t), in<scalar_t>(y.t), in<acc_t>(gate),
-                                  in<acc_t>(mu), in<acc_t>(z), out<scalar_t>(result), x.length,
-                                  r0, r1);
+    for_rows(u.count, u.length, [&](int64_t r0, int64_t r1) {
+      if (u.nhwc)
+        apply_nhwc<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(mu),
+                                    in<acc_t>(z), out<scalar_t>(result), u.channels, L, r0, r1);
+      else
+        apply_rows<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(mu),
+                                    in<acc_t>(z), out<scalar_t>(result), L, r0, r1);
     });
   });
   return result;
@@ -187,18 +220,25 @@ Tensor mutex_attention_backward_stats(const Tensor& dout_in, const Tensor& x_in,
                                       const Tensor& mu_in, const Tensor& z_in, const Tensor& k_in) {
   check_same(x_in, y_in, "x", "y");
   check_same(dout_in, x_in, "dout", "x");
-  auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
-  check_positions(x.rows, x.length, "mutex_attention backward");
-  auto acc = acc_type(x.t);
-  Tensor mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),
-         k = row_tensor(k_in, x.t, at::kLong, "argmax");
-  Tensor stats = per_row(x.t, acc, kNumBackwardStats);
-  MA_DISPATCH(x.t, "mutex_attention_backward_stats", [&] {
+  const Units u = fused_units(x_in);
+  Tensor x = in_layout(x_in, u, "x"), y = in_layout(y_in, u, "y"), dout = in_layout(dout_in, u, "dout");
+  const int64_t L = x.size(2) * x.size(3);
+  check_positions(x.size(0) * x.size(1), L, "mutex_attention backward");
+  auto acc = acc_type(x);
+  Tensor mu = row_tensor(mu_in, x, acc, "row_max"), z = row_tensor(z_in, x, acc, "row_sum"),
+         k = row_tensor(k_in, x, at::kLong, "argmax");
+  Tensor stats = per_row(x, acc, kNumBackwardStats);
+  MA_DISPATCH(x, "mutex_attention_backward_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
-      backward_stats_rows<scalar_t, acc_t>(in<scalar_t>(dout.t), in<scalar_t>(x.t),
-                                           in<scalar_t>(y.t), in<acc_t>(mu), in<acc_t>(z),
-                                           in<int64_t>(k), out<acc_t>(stats), x.length, r0, r1);
+    for_rows(u.count, u.length, [&](int64_t r0, int64_t r1) {
+      if (u.nhwc)
+        backward_stats_nhwc<scalar_t, acc_t>(in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y),
+                                             in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k),
+                                             out<acc_t>(stats), u.channels, L, r0, r1);
+      else
+        backward_stats_rows<scalar_t, acc_t>(in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y),
+                                             in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k),
+                                             out<acc_t>(stats), L, r0, r1);
     });
   });
   return stats;
@@ -210,21 +250,29 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
     const Tensor& stats_in) {
   check_same(x_in, y_in, "x", "y");
   check_same(dout_in, x_in, "dout", "x");
-  auto x = as_rows(x_in, "x"), y = as_rows(y_in, "y"), dout = as_rows(dout_in, "dout");
-  check_positions(x.rows, x.length, "mutex_attention backward");
-  auto acc = acc_type(x.t);
-  Tensor gate = row_tensor(gate_in, x.t, acc, "gate"), dv = row_tensor(dv_in, x.t, acc, "dv"),
-         mu = row_tensor(mu_in, x.t, acc, "row_max"), z = row_tensor(z_in, x.t, acc, "row_sum"),
-         k = row_tensor(k_in, x.t, at::kLong, "argmax"),
-         stats = row_tensor(stats_in, x.t, acc, "backward_stats", kNumBackwardStats);
-  Tensor dx = at::empty_like(x.t), dy = at::empty_like(x.t);
-  MA_DISPATCH(x.t, "mutex_attention_backward_apply", [&] {
+  const Units u = fused_units(x_in);
+  Tensor x = in_layout(x_in, u, "x"), y = in_layout(y_in, u, "y"), dout = in_layout(dout_in, u, "dout");
+  const int64_t L = x.size(2) * x.size(3);
+  check_positions(x.size(0) * x.size(1), L, "mutex_attention backward");
+  auto acc = acc_type(x);
+  Tensor gate = row_tensor(gate_in, x, acc, "gate"), dv = row_tensor(dv_in, x, acc, "dv"),
+         mu = row_tensor(mu_in, x, acc, "row_max"), z = row_tensor(z_in, x, acc, "row_sum"),
+         k = row_tensor(k_in, x, at::kLong, "argmax"),
+         stats = row_tensor(stats_in, x, acc, "backward_stats", kNumBackwardStats);
+  Tensor dx = at::empty_like(x), dy = at::empty_like(x);  // x's layout
+  MA_DISPATCH(x, "mutex_attention_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_rows(x.rows, x.length, [&](int64_t r0, int64_t r1) {
-      backward_apply_rows<scalar_t, acc_t>(
-          in<scalar_t>(dout.t), in<scalar_t>(x.t), in<scalar_t>(y.t), in<acc_t>(gate),
-          in<acc_t>(dv), in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k), in<acc_t>(stats),
-          out<scalar_t>(dx), out<scalar_t>(dy), x.length, r0, r1);
+    for_rows(u.count, u.length, [&](int64_t r0, int64_t r1) {
+      if (u.nhwc)
+        backward_apply_nhwc<scalar_t, acc_t>(
+            in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(dv),
+            in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k), in<acc_t>(stats), out<scalar_t>(dx),
+            out<scalar_t>(dy), u.channels, L, r0, r1);
+      else
+        backward_apply_rows<scalar_t, acc_t>(
+            in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(dv),
+            in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k), in<acc_t>(stats), out<scalar_t>(dx),
+            out<scalar_t>(dy), L, r0, r1);
     });
   });
   return {dx, dy};

@@ -302,5 +302,205 @@ void backward_apply_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
   }
 }
 
+// ---------------------------------------------------------------- channels_last (NHWC)
+// The fused-path kernels K1..K4 for channels_last data, read in place. A row (n, c) is then
+// strided by C, so instead of one row at a time these work on a block of up to kLanes
+// neighbouring channels of one sample: at each position the block's values are contiguous
+// and the inner loop over channels vectorizes, one row per SIMD lane. The rows' reductions run
+// position by position, in one fixed order per row (results are bitwise reproducible; they
+// differ from the NCHW kernels' in the last bits, as their sums are ordered differently).
+// Work units: u = n · blocks + b, channels [b·kLanes, min(C, (b+1)·kLanes)).
+constexpr int kLanes = 16;
+
+inline int64_t channel_blocks(int64_t C) { return (C + kLanes - 1) / kLanes; }
+
+struct Block {
+  int64_t base;  // offset of element (n, c0, position 0)
+  int64_t row0;  // row index n·C + c0 of the first lane
+  int lanes;     // channels in this block
+};
+
+inline Block block_of(int64_t u, int64_t C, int64_t L) {
+  const int64_t blocks = channel_blocks(C), n = u / blocks, c0 = (u % blocks) * kLanes;
+  return {n * L * C + c0, n * C + c0, static_cast<int>(std::min<int64_t>(kLanes, C - c0))};
+}
+
+// K1 on channels_last: per lane mu, then e and Z (e kept in a [L, kLanes] buffer), then
+// mix = y + y·e/Z for v = mean + max and the first argmax k (a strictly greater value moves k).
+template <typename scalar_t, typename acc_t>
+void stats_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, acc_t* v,
+                acc_t* mu_out, acc_t* z_out, int64_t* k, int64_t C, int64_t L, int64_t u0,
+                int64_t u1) {
+  std::vector<acc_t> buffer(L * kLanes);
+  acc_t* MA_RESTRICT e = buffer.data();
+  for (int64_t u = u0; u < u1; ++u) {
+    const Block b = block_of(u, C, L);
+    const int nc = b.lanes;
+    const scalar_t *xb = x + b.base, *yb = y + b.base;
+    acc_t mu[kLanes], z[kLanes], sum[kLanes], best[kLanes];
+    int64_t at[kLanes];
+    for (int c = 0; c < kLanes; ++c) {
+      mu[c] = best[c] = -std::numeric_limits<acc_t>::infinity();
+      z[c] = sum[c] = 0;
+      at[c] = 0;
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t *xl = xb + l * C, *yl = yb + l * C;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        const acc_t d = sq_dist(acc_t(xl[c]), acc_t(yl[c]));
+        mu[c] = d > mu[c] ? d : mu[c];
+      }
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t *xl = xb + l * C, *yl = yb + l * C;
+      acc_t* el = e + l * kLanes;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        el[c] = exp_softmax(sq_dist(acc_t(xl[c]), acc_t(yl[c])) - mu[c]);
+        z[c] += el[c];
+      }
+    }
+    acc_t inv_z[kLanes];
+    for (int c = 0; c < kLanes; ++c) inv_z[c] = acc_t(1) / z[c];
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t* yl = yb + l * C;
+      const acc_t* el = e + l * kLanes;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        const acc_t yv = yl[c];
+        const acc_t mix = el[c] * inv_z[c] * yv + yv;
+        sum[c] += mix;
+        const bool higher = mix > best[c];
+        best[c] = higher ? mix : best[c];
+        at[c] = higher ? l : at[c];
+      }
+    }
+    for (int c = 0; c < nc; ++c) {
+      const int64_t r = b.row0 + c;
+      v[r] = sum[c] / acc_t(L) + best[c];  // NaN in the row reaches v through the sum
+      k[r] = at[c];
+      mu_out[r] = mu[c];
+      z_out[r] = z[c];
+    }
+  }
+}
+
+// K2 on channels_last: out = y + g (A·y − y).
+template <typename scalar_t, typename acc_t>
+void apply_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, const acc_t* gate,
+                const acc_t* mu_in, const acc_t* z_in, scalar_t* MA_RESTRICT out, int64_t C,
+                int64_t L, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const Block b = block_of(u, C, L);
+    const int nc = b.lanes;
+    acc_t g[kLanes] = {}, mu[kLanes] = {}, inv_z[kLanes] = {};
+    for (int c = 0; c < nc; ++c) {
+      g[c] = gate[b.row0 + c];
+      mu[c] = mu_in[b.row0 + c];
+      inv_z[c] = acc_t(1) / z_in[b.row0 + c];
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t o = b.base + l * C;
+      const scalar_t *xl = x + o, *yl = y + o;
+      scalar_t* outl = out + o;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        const acc_t yv = yl[c];
+        const acc_t a = attention<acc_t>(xl[c], yv, mu[c], inv_z[c]);
+        outl[c] = static_cast<scalar_t>(yv + g[c] * (a * yv - yv));
+      }
+    }
+  }
+}
+
+// K3 on channels_last: the row scalars of BackwardStat.
+template <typename scalar_t, typename acc_t>
+void backward_stats_nhwc(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT x,
+                         const scalar_t* MA_RESTRICT y, const acc_t* mu_in, const acc_t* z_in,
+                         const int64_t* k, acc_t* stats, int64_t C, int64_t L, int64_t u0,
+                         int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const Block b = block_of(u, C, L);
+    const int nc = b.lanes;
+    acc_t mu[kLanes] = {}, inv_z[kLanes] = {}, s1[kLanes] = {}, dout_y[kLanes] = {}, s2[kLanes] = {};
+    for (int c = 0; c < nc; ++c) {
+      mu[c] = mu_in[b.row0 + c];
+      inv_z[c] = acc_t(1) / z_in[b.row0 + c];
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t o = b.base + l * C;
+      const scalar_t *gl = dout + o, *xl = x + o, *yl = y + o;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        const acc_t yv = yl[c], go = gl[c];
+        const acc_t am = attention<acc_t>(xl[c], yv, mu[c], inv_z[c]) * yv;
+        s1[c] += am * go;
+        dout_y[c] += go * yv;
+        s2[c] += am;
+      }
+    }
+    for (int c = 0; c < nc; ++c) {
+      const int64_t r = b.row0 + c, kr = k[r];
+      acc_t* row = stats + r * kNumBackwardStats;
+      row[kS1] = s1[c];
+      row[kDoutY] = dout_y[c];
+      row[kS2] = s2[c];
+      const int64_t o = b.base + kr * C + c;
+      row[kAmAtMax] = valid_position(kr, L)
+                          ? attention<acc_t>(x[o], y[o], mu[c], inv_z[c]) * acc_t(y[o])
+                          : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+  }
+}
+
+// K4 on channels_last: dx, dy, then dv at each row's first argmax.
+template <typename scalar_t, typename acc_t>
+void backward_apply_nhwc(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT x,
+                         const scalar_t* MA_RESTRICT y, const acc_t* gate, const acc_t* dv,
+                         const acc_t* mu_in, const acc_t* z_in, const int64_t* k,
+                         const acc_t* stats, scalar_t* MA_RESTRICT dx, scalar_t* MA_RESTRICT dy,
+                         int64_t C, int64_t L, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const Block b = block_of(u, C, L);
+    const int nc = b.lanes;
+    acc_t g[kLanes] = {}, mean_grad[kLanes] = {}, mu[kLanes] = {}, inv_z[kLanes] = {}, s[kLanes] = {};
+    for (int c = 0; c < nc; ++c) {
+      const int64_t r = b.row0 + c;
+      const acc_t* st = stats + r * kNumBackwardStats;
+      g[c] = gate[r];
+      mean_grad[c] = dv[r] / acc_t(L);
+      mu[c] = mu_in[r];
+      inv_z[c] = acc_t(1) / z_in[r];
+      s[c] = g[c] * st[kS1] + mean_grad[c] * st[kS2] + dv[r] * st[kAmAtMax];
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t o = b.base + l * C;
+      const scalar_t *gl = dout + o, *xl = x + o, *yl = y + o;
+      scalar_t *dxl = dx + o, *dyl = dy + o;
+#pragma omp simd
+      for (int c = 0; c < nc; ++c) {
+        const acc_t xv = xl[c], yv = yl[c];
+        acc_t ddx, ddy;
+        mutex_backward_element<acc_t>(xv, yv, gl[c], attention<acc_t>(xv, yv, mu[c], inv_z[c]),
+                                      g[c], mean_grad[c], s[c], ddx, ddy);
+        dxl[c] = static_cast<scalar_t>(ddx);
+        dyl[c] = static_cast<scalar_t>(ddy);
+      }
+    }
+    for (int c = 0; c < nc; ++c) {  // (an invalid k has made s, and the whole row, NaN)
+      const int64_t r = b.row0 + c, kr = k[r];
+      if (!valid_position(kr, L)) continue;
+      const int64_t o = b.base + kr * C + c;
+      const acc_t xv = x[o], yv = y[o];
+      acc_t ddx, ddy;
+      mutex_backward_element<acc_t>(xv, yv, dout[o], attention<acc_t>(xv, yv, mu[c], inv_z[c]),
+                                    g[c], mean_grad[c] + dv[r], s[c], ddx, ddy);
+      dx[o] = static_cast<scalar_t>(ddx);
+      dy[o] = static_cast<scalar_t>(ddy);
+    }
+  }
+}
+
 }  // namespace cpu_rows
 }  // namespace mutex_attn

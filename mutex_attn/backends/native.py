@@ -63,10 +63,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 # ------------------------------------------------------------------ fake (meta) kernels
-def _like(x: torch.Tensor) -> torch.Tensor:
-    """The output layout of every kernel: channels_last stays channels_last on CUDA (no
-    hidden copy there); everything else is NCHW-contiguous."""
-    if x.device.type == "cuda" and kernel_backend.is_channels_last(x):
+def _like(x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """The output layout of a kernel: channels_last stays channels_last where the kernels read
+    it in place (every CUDA kernel; on CPU the fused MutexAttention ones); everything else is
+    NCHW-contiguous."""
+    if kernel_backend.is_channels_last(x) and (fused or x.device.type == "cuda"):
         return torch.empty_like(x, memory_format=torch.channels_last)
     return x.new_empty(x.shape)
 
@@ -112,7 +113,7 @@ def _(x, y):
 
 @torch.library.register_fake("mutex_attn::mutex_attention_apply")
 def _(x, y, gate, row_max, row_sum):
-    return _like(x)
+    return _like(x, fused=True)
 
 
 @torch.library.register_fake("mutex_attn::mutex_attention_backward_stats")
@@ -122,11 +123,12 @@ def _(dout, x, y, row_max, row_sum, argmax):
 
 @torch.library.register_fake("mutex_attn::mutex_attention_backward_apply")
 def _(dout, x, y, gate, dv, row_max, row_sum, argmax, backward_stats):
-    return _like(x), _like(x)
+    return _like(x, fused=True), _like(x, fused=True)
 
 
 # ------------------------------------------------------------------ autograd, interface
 kernel_backend.register_piece_autograd("mutex_attn", ops)
-# The CPU kernels work on NCHW rows; the CUDA kernels read channels_last in place.
+# The fused kernels read channels_last in place on CPU and CUDA (on CPU the MAB and FAB piece
+# ops work on NCHW rows and copy channels_last inputs).
 mab, fab, mutex_attention = kernel_backend.make_backend(
-    ops, GateNetwork, reads_channels_last=lambda device: device.type == "cuda")
+    ops, GateNetwork, reads_channels_last=lambda device: True)
