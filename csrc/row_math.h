@@ -20,8 +20,10 @@ namespace mutex_attn {
 // e^x for the softmax, x = d − mu <= 0 (or NaN, or −inf). On the host a branch-free Cody–Waite
 // reduction with the Cephes polynomial (about 1 ulp) that the compiler vectorizes, unlike
 // std::exp; explicit fmaf because host code is built with -ffp-contract=off (see sq_dist).
-// x below −87.3 gives exactly 0, as expf would; NaN stays NaN without a test of its own (every
-// step propagates it). x > 0 never occurs (d <= mu exactly) and is not handled.
+// x below −87.3 gives exactly 0 (expf would give subnormals down to −103.9: below 1e-38 of
+// the row's largest weight, they change nothing); NaN stays NaN without a test of its own
+// (every step propagates it). x > 0 is not handled (wrong finite values): the kernels never
+// make one (d <= mu exactly), only a row_max that is not the row's max, passed to an op directly.
 MA_HD float exp_softmax(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);

@@ -91,6 +91,22 @@ def _synth(out: Path, options: dict, seed: int) -> Path:
     return out
 
 
+def _same_run(run_dir: Path, settings: dict) -> bool:
+    """Whether the interrupted run in run_dir has these settings (else it starts again: an
+    older preset's run must not continue under the current one)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    free = {"device", "output", "workers", "progress"}
+    changed = sorted(k for k, v in settings.items() if k not in free and saved.get(k) != v)
+    if changed:
+        print(f"  {run_dir} holds a run with other settings ({', '.join(changed)}): starting again")
+    return not changed
+
+
 def run(preset: str, out: Path, seed: int = 0, device: str = "auto") -> dict:
     from mutex_attn.cam import run_cam
     from mutex_attn.evaluate import evaluate
@@ -110,6 +126,8 @@ def run(preset: str, out: Path, seed: int = 0, device: str = "auto") -> dict:
     t0 = time.perf_counter()
     settings = dict(data=str(data), model="manet_resnet50", seed=seed, device=device,
                     output=str(run_dir), **config["train"])
+    if (run_dir / "last.pt").is_file() and not _same_run(run_dir, settings):
+        shutil.rmtree(run_dir)
     if (run_dir / "last.pt").is_file():
         train(resume=str(run_dir), overrides={"epochs": settings["epochs"]})
     else:

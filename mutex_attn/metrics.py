@@ -503,10 +503,11 @@ def _panel_of(name: str) -> int | None:
 
 def plot_training_curves(summary_csv, path) -> None:
     """A 2x2 grid from a per-epoch CSV: losses (train_loss, train_ce, train_cs, val_loss, ...:
-    columns naming a loss or starting with train_); loss weights (weight_ce, train_weight_cs,
-    ...: columns naming a weight); learning rate (lr); validation metrics (val_acc, val_auc,
+    columns naming a loss or starting with train_); loss weights and the gradient norm
+    (weight_ce, train_weight_cs, train_grad_norm, ...); learning rate (lr); validation metrics (val_acc, val_auc,
     val_patient_auc, ...: other columns starting with val_ / valid_ / test_). Other columns
-    (seconds, counters) are not drawn. Any subset of columns works: only columns that are present
+    (seconds, counters) are not drawn. The first three panels use a log scale when their values
+    span more than a decade. Any subset of columns works: only columns that are present
     and numeric are drawn, empty cells are gaps; the x axis is ``epoch`` if present, else the
     row number (from 1)."""
     cols = _read_numeric_csv(summary_csv)

@@ -34,7 +34,7 @@ from mutex_attn.losses import MODES as LOSS_MODES
 from mutex_attn.losses import AdaptiveMutexLoss
 from mutex_attn.models import BLOCKS, MODEL_NAMES, MUTEX_MODELS, create_model
 
-CHECKPOINT_VERSION = 2  # 2: the lr scheduler steps once per optimiser step (1: per epoch)
+CHECKPOINT_VERSION = 2  # 2: the lr scheduler steps once per optimiser step (1: per epoch; still resumes)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BEST_METRICS = ("auc", "patient_auc", "accuracy", "loss")
 OPTIMIZERS = ("sgd", "adamw")
@@ -341,8 +341,9 @@ def _score(metrics: dict, best_metric: str) -> float:
 
 def lr_factor(config: TrainConfig, steps_per_epoch: int):
     """The learning-rate multiplier as a function of the optimiser step: the paper's halving
-    per epoch (eq. 17) or a cosine decay to zero over the run, after an optional linear warm-up
-    from 1 % over `warmup_epochs`."""
+    per epoch (eq. 17) or a cosine decay to zero over the run, times a linear ramp from 1 % to
+    1 over the first `warmup_epochs` (the decay already runs during the warm-up, so a cosine
+    run peaks slightly below lr). summary.csv's lr is the rate at each epoch's first step."""
     steps_per_epoch = max(int(steps_per_epoch), 1)
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
@@ -449,14 +450,21 @@ class Trainer:
     # -- checkpoints --
 
     def _restore(self, ckpt: dict) -> None:
-        if ckpt.get("version", 1) < CHECKPOINT_VERSION:
-            raise ValueError(f"{ckpt['path']} was written by an older mutex_attn whose learning-rate "
-                             "schedule stepped per epoch: it can be evaluated, not resumed")
         self.core.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = int(ckpt["epoch"])
+        # The schedule is a function of the optimiser step, and checkpoints are written at epoch
+        # ends: set the step from the epoch and this run's steps per epoch. That is what was
+        # saved, unless the steps per epoch changed (another process count or dataset) or the
+        # checkpoint is version 1 (its scheduler counted epochs).
+        step = self.start_epoch * self.steps_per_epoch
+        self.scheduler.last_epoch = step
+        factor = self.scheduler.lr_lambdas[0](step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.best_score = float(ckpt["best_score"])
         self.history = list(ckpt["history"])
         self.log(f"resumed from {ckpt['path']} after epoch {self.start_epoch}")
@@ -511,9 +519,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         _set_epoch(self.train_set, epoch)
         sums: dict[str, torch.Tensor] = {}
-        steps = len(self.loader)
-        if self.config.max_steps_per_epoch:
-            steps = min(steps, self.config.max_steps_per_epoch)
+        steps = self.steps_per_epoch
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False,
                    disable=not (self.config.progress and self.dist.main), dynamic_ncols=True)
         n = 0

@@ -260,4 +260,6 @@ def test_row_kernels_bench_builds_and_runs(tmp_path):
     rows = [line.split() for line in out.splitlines() if line.startswith("K")]
     assert [r[0] for r in rows] == ["K1", "K2", "K3", "K4"]
     assert all(math.isfinite(float(r[-3])) and float(r[-3]) >= 0 for r in rows)
+    checksum = next(line for line in out.splitlines() if line.startswith("checksum"))
+    assert math.isfinite(float(checksum.split()[1]))  # the kernels' outputs are finite
     assert subprocess.run([str(exe), "0"], capture_output=True).returncode == 2

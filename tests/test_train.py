@@ -135,14 +135,27 @@ def test_resume_refuses_to_change_the_recipe(tiny_ct, tmp_path):
     train(settings(tiny_ct, tmp_path / "run", epochs=1), log=quiet)
     with pytest.raises(ValueError, match="cannot change lr"):
         train(resume=str(tmp_path / "run"), overrides={"lr": 0.1}, log=quiet)
-    # a version-1 checkpoint (scheduler stepped per epoch) cannot continue the same schedule
+
+
+def test_resume_realigns_the_schedule_with_the_steps_per_epoch(tiny_ct, tmp_path):
+    """A version-1 checkpoint counted epochs in its scheduler (and a resumed run may have other
+    steps per epoch): resuming sets the step from the epoch, so the run continues exactly."""
     from mutex_attn.train import save_atomic
 
-    old = load_checkpoint(tmp_path / "run")
+    recipe = dict(lr_half_life=1.0)
+    train(settings(tiny_ct, tmp_path / "straight", epochs=3, **recipe), log=quiet)
+    train(settings(tiny_ct, tmp_path / "old", epochs=1, **recipe), log=quiet)
+    old = load_checkpoint(tmp_path / "old")
     old["version"] = 1
-    save_atomic({k: v for k, v in old.items() if k != "path"}, tmp_path / "run" / "last.pt")
-    with pytest.raises(ValueError, match="evaluated, not resumed"):
-        train(resume=str(tmp_path / "run"), overrides={"epochs": 2}, log=quiet)
+    old["scheduler"]["last_epoch"] = old["epoch"]  # what a version-1 trainer saved
+    save_atomic({k: v for k, v in old.items() if k != "path"}, tmp_path / "old" / "last.pt")
+    trainer = Trainer(resume=str(tmp_path / "old"), overrides={"epochs": 3}, log=quiet)
+    assert trainer.scheduler.last_epoch == trainer.steps_per_epoch
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    trainer.fit()
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "old")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
 
 
 @pytest.mark.parametrize("change, message", [
