@@ -120,6 +120,79 @@ def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def _apply_with_gate(function, a, b, gate_net, what):
+    """function.apply(a, b, ...) with the GateNetwork's parameters and BatchNorm state passed
+    as tensors, then its running statistics updated as nn.BatchNorm1d would."""
+    g = gate_net
+    check_gate_precision(a.dtype, g.fc1.weight.dtype)
+    batch1, batch2 = _bn_batch_stats(g.bn1), _bn_batch_stats(g.bn2)
+    if (batch1 or batch2) and a.shape[0] < 2:
+        raise ValueError(
+            f"{what} in training mode needs a batch of at least 2: the gate network's "
+            f"BatchNorm normalises over the batch; got an input of shape {tuple(a.shape)}"
+        )
+    tensors = (
+        g.fc1.weight, g.bn1.weight, g.bn1.bias, g.fc2.weight, g.bn2.weight, g.bn2.bias,
+        g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
+        g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
+    )
+    out, mean1, var1, mean2, var2 = function.apply(a, b, batch1, batch2, g.bn1.eps, g.bn2.eps, *tensors)
+    _update_running_stats(g.bn1, mean1, var1, a.shape[0])
+    _update_running_stats(g.bn2, mean2, var2, a.shape[0])
+    return out
+
+
+def _add_pool_grad(grads, dv, argmax):
+    """Adds the gradient of v = mean + max (over each row's positions) to every tensor in
+    `grads`, in place: dv/L everywhere and dv once more at each row's first argmax. The same
+    as adding fab_pool_backward's dense tensor, without writing and reading that tensor."""
+    n, c, h, w = grads[0].shape
+    rows = (torch.arange(n, device=dv.device)[:, None].expand(n, c),
+            torch.arange(c, device=dv.device)[None, :].expand(n, c))
+    at_max = (*rows, argmax // w, argmax % w)  # one position per row: no index repeats
+    for g in grads:
+        g.add_((dv / (h * w)).to(g.dtype)[:, :, None, None])
+        g.index_put_(at_max, dv.to(g.dtype), accumulate=True)
+
+
+def make_fused_fab(ops):
+    """FAB with the GateNetwork as an autograd-aware function (am, y, gate_net): the pool and
+    blend kernels with the gate network written out between them. Backward takes the blend's
+    gradients and adds the pooling's rank-one-plus-argmax gradient in place (9 full-tensor
+    passes instead of 12 when autograd sums a dense pooling gradient into both inputs)."""
+
+    class FusedFab(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, am, y, batch1, batch2, eps1, eps2, *tensors):
+            cd = compute_dtype(am.dtype)
+            with torch.autocast(am.device.type, enabled=False):
+                v, argmax = ops.fab_pool(am, y)
+                p = GateParams(*[t.to(cd) if t is not None else None for t in tensors])
+                gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+                out = ops.fab_blend(am, y, gate)
+            ctx.save_for_backward(am, y, v, gate, argmax, *saved, *p[:_NUM_PARAMS])
+            ctx.batch = (batch1, batch2)
+            ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
+            ctx.mark_non_differentiable(*batch)
+            return (out, *batch)
+
+        @staticmethod
+        def backward(ctx, dout, *_):
+            am, y, v, gate, argmax, *rest = ctx.saved_tensors
+            saved, params = rest[:8], rest[8:]
+            with torch.autocast(am.device.type, enabled=False):
+                dam, dy, dgate = ops.fab_blend_backward(dout, am, y, gate)
+                dv, dparams = gate_backward(dgate, gate, v, GateParams(*params), saved, *ctx.batch)
+                _add_pool_grad((dam, dy), dv, argmax)
+            dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
+            return (dam, dy, None, None, None, None, *dparams, *([None] * _NUM_BUFFERS))
+
+    def fab(am, y, gate_net):
+        return _apply_with_gate(FusedFab, am, y, gate_net, "FAB")
+
+    return fab
+
+
 def make_fused_function(ops, reads_channels_last):
     """An autograd.Function for MutexAttention over the kernels `ops` (stats, apply,
     backward_stats, backward_apply). reads_channels_last(device): whether the kernels read
@@ -160,25 +233,7 @@ def make_fused_function(ops, reads_channels_last):
             return (dx, dy, None, None, None, None, *dparams, *([None] * _NUM_BUFFERS))
 
     def mutex_attention(x, y, gate_net):
-        g = gate_net
-        check_gate_precision(x.dtype, g.fc1.weight.dtype)
-        batch1, batch2 = _bn_batch_stats(g.bn1), _bn_batch_stats(g.bn2)
-        if (batch1 or batch2) and x.shape[0] < 2:
-            raise ValueError(
-                "MutexAttention in training mode needs a batch of at least 2: the gate network's "
-                f"BatchNorm normalises over the batch; got x of shape {tuple(x.shape)}"
-            )
-        tensors = (
-            g.fc1.weight, g.bn1.weight, g.bn1.bias, g.fc2.weight, g.bn2.weight, g.bn2.bias,
-            g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
-            g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
-        )
-        out, mean1, var1, mean2, var2 = FusedMutexAttention.apply(
-            x, y, batch1, batch2, g.bn1.eps, g.bn2.eps, *tensors
-        )
-        _update_running_stats(g.bn1, mean1, var1, x.shape[0])
-        _update_running_stats(g.bn2, mean2, var2, x.shape[0])
-        return out
+        return _apply_with_gate(FusedMutexAttention, x, y, gate_net, "MutexAttention")
 
     return mutex_attention
 
@@ -221,11 +276,14 @@ def register_piece_autograd(namespace: str, ops) -> None:
 def make_backend(ops, gate_network_type, reads_channels_last):
     """The backend interface (mab, fab, mutex_attention) over the ten ops in `ops`."""
     fused_mutex_attention = make_fused_function(FusedKernels(ops), reads_channels_last)
+    fused_fab = make_fused_fab(ops)
 
     def mab(x, y):
         return ops.mab_forward(x, y)[0]
 
     def fab(am, y, gate_net):
+        if type(gate_net) is gate_network_type:  # the fused backward knows exactly this network
+            return fused_fab(am, y, gate_net)
         v, _ = ops.fab_pool(am, y)
         gate = gate_net(v)
         check_gate(gate, am)
