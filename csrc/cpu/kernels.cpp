@@ -53,14 +53,25 @@ bool is_channels_last(const Tensor& t) {
 
 struct Units {  // the work units of a fused-op kernel: rows (NCHW) or channel blocks (NHWC)
   bool nhwc;
+  int lanes;  // channels per block (NHWC)
   int64_t channels, count, length;
 };
 
-Units fused_units(const Tensor& x) {
+// K2..K4 on channels_last: the widest block (up to kMaxSweepLanes channels) that still gives
+// each thread two units of work.
+int sweep_lanes(int64_t N, int64_t C) {
+  int lanes = kMaxSweepLanes;
+  while (lanes > kStatsLanes && N * channel_blocks(C, lanes) < 2 * at::get_num_threads()) lanes /= 2;
+  return lanes;
+}
+
+// `stats`: K1's units (blocks of kStatsLanes), else K2..K4's (sweep_lanes).
+Units fused_units(const Tensor& x, bool stats = false) {
   check_4d(x, "x");
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
-  if (is_channels_last(x)) return {true, C, N * channel_blocks(C), L * kLanes};
-  return {false, C, N * C, L};
+  if (!is_channels_last(x)) return {false, 1, C, N * C, L};
+  const int lanes = stats ? kStatsLanes : sweep_lanes(N, C);
+  return {true, lanes, C, N * channel_blocks(C, lanes), L * lanes};
 }
 
 Tensor in_layout(const Tensor& t, const Units& u, const char* name) {
@@ -172,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor> fab_blend_backward(const Tensor& dout_in, con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mutex_attention_stats(const Tensor& x_in, const Tensor& y_in) {
   check_same(x_in, y_in, "x", "y");
-  const Units u = fused_units(x_in);
+  const Units u = fused_units(x_in, /*stats=*/true);
   Tensor x = in_layout(x_in, u, "x"), y = in_layout(y_in, u, "y");
   const int64_t L = x.size(2) * x.size(3);
   check_positions(x.size(0) * x.size(1), L, "mutex_attention_stats");
@@ -207,7 +218,8 @@ Tensor mutex_attention_apply(const Tensor& x_in, const Tensor& y_in, const Tenso
     for_rows(u.count, u.length, [&](int64_t r0, int64_t r1) {
       if (u.nhwc)
         apply_nhwc<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(mu),
-                                    in<acc_t>(z), out<scalar_t>(result), u.channels, L, r0, r1);
+                                    in<acc_t>(z), out<scalar_t>(result), u.channels, L, u.lanes, r0,
+                                    r1);
       else
         apply_rows<scalar_t, acc_t>(in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(mu),
                                     in<acc_t>(z), out<scalar_t>(result), L, r0, r1);
@@ -234,7 +246,7 @@ Tensor mutex_attention_backward_stats(const Tensor& dout_in, const Tensor& x_in,
       if (u.nhwc)
         backward_stats_nhwc<scalar_t, acc_t>(in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y),
                                              in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k),
-                                             out<acc_t>(stats), u.channels, L, r0, r1);
+                                             out<acc_t>(stats), u.channels, L, u.lanes, r0, r1);
       else
         backward_stats_rows<scalar_t, acc_t>(in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y),
                                              in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k),
@@ -267,7 +279,7 @@ std::tuple<Tensor, Tensor> mutex_attention_backward_apply(
         backward_apply_nhwc<scalar_t, acc_t>(
             in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(dv),
             in<acc_t>(mu), in<acc_t>(z), in<int64_t>(k), in<acc_t>(stats), out<scalar_t>(dx),
-            out<scalar_t>(dy), u.channels, L, r0, r1);
+            out<scalar_t>(dy), u.channels, L, u.lanes, r0, r1);
       else
         backward_apply_rows<scalar_t, acc_t>(
             in<scalar_t>(dout), in<scalar_t>(x), in<scalar_t>(y), in<acc_t>(gate), in<acc_t>(dv),

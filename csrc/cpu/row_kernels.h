@@ -304,15 +304,22 @@ void backward_apply_rows(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
 
 // ---------------------------------------------------------------- channels_last (NHWC)
 // The fused-path kernels K1..K4 for channels_last data, read in place. A row (n, c) is then
-// strided by C, so instead of one row at a time these work on a block of up to kLanes
+// strided by C, so instead of one row at a time these work on a block of up to `lanes`
 // neighbouring channels of one sample: at each position the block's values are contiguous
 // and the inner loop over channels vectorizes, one row per SIMD lane. The rows' reductions run
 // position by position, in one fixed order per row (results are bitwise reproducible; they
 // differ from the NCHW kernels' in the last bits, as their sums are ordered differently).
-// Work units: u = n · blocks + b, channels [b·kLanes, min(C, (b+1)·kLanes)).
-constexpr int kLanes = 16;
+// Work units: u = n · blocks + b, channels [b·lanes, min(C, (b+1)·lanes)).
+constexpr int kStatsLanes = 16;  // K1 sweeps its block three times: [L, 16] stays in L2
+                                 // (and wider blocks measured no faster)
+// K2..K4 sweep their block once and take the block width `lanes` as an argument, up to
+// kMaxSweepLanes: the wider the block, the longer the contiguous run read at each position
+// (64 B at 16 lanes; row_kernels_bench, stage 1, one thread: K2 2.1 -> 0.63 ns per position
+// from 16 to 256 lanes, K4 3.3 -> 1.1). Each lane's row is reduced in the same order at
+// any width, so the width never changes a result.
+constexpr int kMaxSweepLanes = 256;
 
-inline int64_t channel_blocks(int64_t C) { return (C + kLanes - 1) / kLanes; }
+inline int64_t channel_blocks(int64_t C, int lanes) { return (C + lanes - 1) / lanes; }
 
 struct Block {
   int64_t base;  // offset of element (n, c0, position 0)
@@ -320,26 +327,26 @@ struct Block {
   int lanes;     // channels in this block
 };
 
-inline Block block_of(int64_t u, int64_t C, int64_t L) {
-  const int64_t blocks = channel_blocks(C), n = u / blocks, c0 = (u % blocks) * kLanes;
-  return {n * L * C + c0, n * C + c0, static_cast<int>(std::min<int64_t>(kLanes, C - c0))};
+inline Block block_of(int64_t u, int64_t C, int64_t L, int lanes) {
+  const int64_t blocks = channel_blocks(C, lanes), n = u / blocks, c0 = (u % blocks) * lanes;
+  return {n * L * C + c0, n * C + c0, static_cast<int>(std::min<int64_t>(lanes, C - c0))};
 }
 
-// K1 on channels_last: per lane mu, then e and Z (e kept in a [L, kLanes] buffer), then
+// K1 on channels_last: per lane mu, then e and Z (e kept in a [L, kStatsLanes] buffer), then
 // mix = y + y·e/Z for v = mean + max and the first argmax k (a strictly greater value moves k).
 template <typename scalar_t, typename acc_t>
 void stats_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, acc_t* v,
                 acc_t* mu_out, acc_t* z_out, int64_t* k, int64_t C, int64_t L, int64_t u0,
                 int64_t u1) {
-  std::vector<acc_t> buffer(L * kLanes);
+  std::vector<acc_t> buffer(L * kStatsLanes);
   acc_t* MA_RESTRICT e = buffer.data();
   for (int64_t u = u0; u < u1; ++u) {
-    const Block b = block_of(u, C, L);
+    const Block b = block_of(u, C, L, kStatsLanes);
     const int nc = b.lanes;
     const scalar_t *xb = x + b.base, *yb = y + b.base;
-    acc_t mu[kLanes], z[kLanes], sum[kLanes], best[kLanes];
-    int64_t at[kLanes];
-    for (int c = 0; c < kLanes; ++c) {
+    acc_t mu[kStatsLanes], z[kStatsLanes], sum[kStatsLanes], best[kStatsLanes];
+    int64_t at[kStatsLanes];
+    for (int c = 0; c < kStatsLanes; ++c) {
       mu[c] = best[c] = -std::numeric_limits<acc_t>::infinity();
       z[c] = sum[c] = 0;
       at[c] = 0;
@@ -354,18 +361,18 @@ void stats_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, ac
     }
     for (int64_t l = 0; l < L; ++l) {
       const scalar_t *xl = xb + l * C, *yl = yb + l * C;
-      acc_t* el = e + l * kLanes;
+      acc_t* el = e + l * kStatsLanes;
 #pragma omp simd
       for (int c = 0; c < nc; ++c) {
         el[c] = exp_softmax(sq_dist(acc_t(xl[c]), acc_t(yl[c])) - mu[c]);
         z[c] += el[c];
       }
     }
-    acc_t inv_z[kLanes];
-    for (int c = 0; c < kLanes; ++c) inv_z[c] = acc_t(1) / z[c];
+    acc_t inv_z[kStatsLanes];
+    for (int c = 0; c < kStatsLanes; ++c) inv_z[c] = acc_t(1) / z[c];
     for (int64_t l = 0; l < L; ++l) {
       const scalar_t* yl = yb + l * C;
-      const acc_t* el = e + l * kLanes;
+      const acc_t* el = e + l * kStatsLanes;
 #pragma omp simd
       for (int c = 0; c < nc; ++c) {
         const acc_t yv = yl[c];
@@ -390,11 +397,11 @@ void stats_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, ac
 template <typename scalar_t, typename acc_t>
 void apply_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, const acc_t* gate,
                 const acc_t* mu_in, const acc_t* z_in, scalar_t* MA_RESTRICT out, int64_t C,
-                int64_t L, int64_t u0, int64_t u1) {
+                int64_t L, int lanes, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
-    const Block b = block_of(u, C, L);
+    const Block b = block_of(u, C, L, lanes);
     const int nc = b.lanes;
-    acc_t g[kLanes] = {}, mu[kLanes] = {}, inv_z[kLanes] = {};
+    acc_t g[kMaxSweepLanes] = {}, mu[kMaxSweepLanes] = {}, inv_z[kMaxSweepLanes] = {};
     for (int c = 0; c < nc; ++c) {
       g[c] = gate[b.row0 + c];
       mu[c] = mu_in[b.row0 + c];
@@ -418,12 +425,13 @@ void apply_nhwc(const scalar_t* MA_RESTRICT x, const scalar_t* MA_RESTRICT y, co
 template <typename scalar_t, typename acc_t>
 void backward_stats_nhwc(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RESTRICT x,
                          const scalar_t* MA_RESTRICT y, const acc_t* mu_in, const acc_t* z_in,
-                         const int64_t* k, acc_t* stats, int64_t C, int64_t L, int64_t u0,
-                         int64_t u1) {
+                         const int64_t* k, acc_t* stats, int64_t C, int64_t L, int lanes,
+                         int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
-    const Block b = block_of(u, C, L);
+    const Block b = block_of(u, C, L, lanes);
     const int nc = b.lanes;
-    acc_t mu[kLanes] = {}, inv_z[kLanes] = {}, s1[kLanes] = {}, dout_y[kLanes] = {}, s2[kLanes] = {};
+    acc_t mu[kMaxSweepLanes] = {}, inv_z[kMaxSweepLanes] = {}, s1[kMaxSweepLanes] = {},
+          dout_y[kMaxSweepLanes] = {}, s2[kMaxSweepLanes] = {};
     for (int c = 0; c < nc; ++c) {
       mu[c] = mu_in[b.row0 + c];
       inv_z[c] = acc_t(1) / z_in[b.row0 + c];
@@ -460,11 +468,12 @@ void backward_apply_nhwc(const scalar_t* MA_RESTRICT dout, const scalar_t* MA_RE
                          const scalar_t* MA_RESTRICT y, const acc_t* gate, const acc_t* dv,
                          const acc_t* mu_in, const acc_t* z_in, const int64_t* k,
                          const acc_t* stats, scalar_t* MA_RESTRICT dx, scalar_t* MA_RESTRICT dy,
-                         int64_t C, int64_t L, int64_t u0, int64_t u1) {
+                         int64_t C, int64_t L, int lanes, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
-    const Block b = block_of(u, C, L);
+    const Block b = block_of(u, C, L, lanes);
     const int nc = b.lanes;
-    acc_t g[kLanes] = {}, mean_grad[kLanes] = {}, mu[kLanes] = {}, inv_z[kLanes] = {}, s[kLanes] = {};
+    acc_t g[kMaxSweepLanes] = {}, mean_grad[kMaxSweepLanes] = {}, mu[kMaxSweepLanes] = {},
+          inv_z[kMaxSweepLanes] = {}, s[kMaxSweepLanes] = {};
     for (int c = 0; c < nc; ++c) {
       const int64_t r = b.row0 + c;
       const acc_t* st = stats + r * kNumBackwardStats;
