@@ -23,7 +23,6 @@ from typing import NamedTuple, Optional
 import torch
 
 from mutex_attn._validation import check_gate, check_gate_precision
-from mutex_attn.reference import compute_dtype
 
 # Columns of K3's [N, C, 4] output; the same order as BackwardStat in csrc/row_math.h.
 S1, DOUT_Y, S2, AM_AT_MAX = range(4)
@@ -120,6 +119,28 @@ def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2):
+    """The gate network's forward inside a fused autograd.Function: its parameters in v's
+    (compute) dtype, the batch flags and parameter dtypes kept on ctx. Returns the gate, the
+    tensors _gate_backward needs (to save) and the BatchNorm statistics (non-differentiable
+    outputs of the Function, for the running ones)."""
+    p = GateParams(*[t.to(v.dtype) if t is not None else None for t in tensors])
+    gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+    ctx.batch = (batch1, batch2)
+    ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
+    ctx.mark_non_differentiable(*batch)
+    return gate, (*saved, *p[:_NUM_PARAMS]), batch
+
+
+def _gate_backward(ctx, dgate, gate, v, gate_saved):
+    """dv, and the Function's gradients for its gate arguments (parameters in their own
+    dtypes, None for the running statistics), from what _gate_forward saved."""
+    saved, params = gate_saved[:-_NUM_PARAMS], gate_saved[-_NUM_PARAMS:]
+    dv, dparams = gate_backward(dgate, gate, v, GateParams(*params), saved, *ctx.batch)
+    dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
+    return dv, (*dparams, *([None] * _NUM_BUFFERS))
+
+
 def _apply_with_gate(function, a, b, gate_net, what):
     """function.apply(a, b, ...) with the GateNetwork's parameters and BatchNorm state passed
     as tensors, then its running statistics updated as nn.BatchNorm1d would."""
@@ -164,28 +185,21 @@ def make_fused_fab(ops):
     class FusedFab(torch.autograd.Function):
         @staticmethod
         def forward(ctx, am, y, batch1, batch2, eps1, eps2, *tensors):
-            cd = compute_dtype(am.dtype)
             with torch.autocast(am.device.type, enabled=False):
                 v, argmax = ops.fab_pool(am, y)
-                p = GateParams(*[t.to(cd) if t is not None else None for t in tensors])
-                gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2)
                 out = ops.fab_blend(am, y, gate)
-            ctx.save_for_backward(am, y, v, gate, argmax, *saved, *p[:_NUM_PARAMS])
-            ctx.batch = (batch1, batch2)
-            ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
-            ctx.mark_non_differentiable(*batch)
+            ctx.save_for_backward(am, y, v, gate, argmax, *gate_saved)
             return (out, *batch)
 
         @staticmethod
         def backward(ctx, dout, *_):
-            am, y, v, gate, argmax, *rest = ctx.saved_tensors
-            saved, params = rest[:8], rest[8:]
+            am, y, v, gate, argmax, *gate_saved = ctx.saved_tensors
             with torch.autocast(am.device.type, enabled=False):
                 dam, dy, dgate = ops.fab_blend_backward(dout, am, y, gate)
-                dv, dparams = gate_backward(dgate, gate, v, GateParams(*params), saved, *ctx.batch)
+                dv, gate_grads = _gate_backward(ctx, dgate, gate, v, gate_saved)
                 _add_pool_grad((dam, dy), dv, argmax)
-            dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
-            return (dam, dy, None, None, None, None, *dparams, *([None] * _NUM_BUFFERS))
+            return (dam, dy, None, None, None, None, *gate_grads)
 
     def fab(am, y, gate_net):
         return _apply_with_gate(FusedFab, am, y, gate_net, "FAB")
@@ -202,35 +216,26 @@ def make_fused_function(ops, reads_channels_last):
     class FusedMutexAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, y, batch1, batch2, eps1, eps2, *tensors):
-            cd = compute_dtype(x.dtype)
             if not (reads_channels_last(x.device) and is_channels_last(x)):
                 x = x.contiguous()
             y = _layout_like(y, x)
             with torch.autocast(x.device.type, enabled=False):
                 v, row_max, row_sum, argmax = ops.stats(x, y)
-                p = GateParams(*[t.to(cd) if t is not None else None for t in tensors])
-                gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2)
                 out = ops.apply(x, y, gate, row_max, row_sum)
-            ctx.save_for_backward(x, y, v, gate, row_max, row_sum, argmax, *saved,
-                                  *p[:_NUM_PARAMS])
-            ctx.batch = (batch1, batch2)
-            ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
-            ctx.mark_non_differentiable(*batch)
+            ctx.save_for_backward(x, y, v, gate, row_max, row_sum, argmax, *gate_saved)
             return (out, *batch)
 
         @staticmethod
         def backward(ctx, dout, *_):
-            x, y, v, gate, row_max, row_sum, argmax, *rest = ctx.saved_tensors
-            saved, params = rest[:8], rest[8:]
+            x, y, v, gate, row_max, row_sum, argmax, *gate_saved = ctx.saved_tensors
             dout = _layout_like(dout, x)  # once, not in both K3 and K4
-            p = GateParams(*params)
             with torch.autocast(x.device.type, enabled=False):
                 stats = ops.backward_stats(dout, x, y, row_max, row_sum, argmax)
                 dgate = stats[..., S1] - stats[..., DOUT_Y]
-                dv, dparams = gate_backward(dgate, gate, v, p, saved, *ctx.batch)
+                dv, gate_grads = _gate_backward(ctx, dgate, gate, v, gate_saved)
                 dx, dy = ops.backward_apply(dout, x, y, gate, dv, row_max, row_sum, argmax, stats)
-            dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
-            return (dx, dy, None, None, None, None, *dparams, *([None] * _NUM_BUFFERS))
+            return (dx, dy, None, None, None, None, *gate_grads)
 
     def mutex_attention(x, y, gate_net):
         return _apply_with_gate(FusedMutexAttention, x, y, gate_net, "MutexAttention")
