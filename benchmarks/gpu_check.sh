@@ -13,18 +13,35 @@
 # starting new cases at their own --time-budget, so a slow compile costs shapes, not the CSV.
 # If time is left after the training step (>= 100 s), bfloat16 channels_last runs once more
 # with compile-max (torch.compile mode="max-autotune-no-cudagraphs") among the providers.
-# Overrides: GPU_CHECK_OPS (default mutex_attention,mab,fab), PYTHON, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+# Overrides: GPU_CHECK_OPS (default mutex_attention,mab,fab), PYTHON (default python3, else
+# python), TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_STEPS (default tests,ops,train,max: which
+# steps run after the build; a second, shorter call after a fix names fewer), GPU_CHECK_PYTEST
+# (extra pytest arguments, e.g. "-k mab" to rerun what failed).
+# The GPU tests run in 8 pytest-xdist workers where xdist is installed (Triton's compiles and
+# the float64 CPU oracle are CPU work), each test under a 120 s timeout where pytest-timeout is.
 # GPU_CHECK_DRY_RUN=1 rehearses the script on a CPU machine: no build (the extension must be
 # built already), CPU tensors, tiny shapes and steps; it checks the plumbing, not the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-./gpu_results}
-mkdir -p "$OUT"
+# Everything is written to a scratch folder and packed into $OUT/gpu_results.tar.gz on exit,
+# with the few files worth reading at once beside it (the device tool returns at most 8 files).
+RESULTS=${OUT:-./gpu_results}
+mkdir -p "$RESULTS"
+OUT=$(mktemp -d)
+pack() {
+  tar -C "$OUT" -czf "$RESULTS/gpu_results.tar.gz" . 2>/dev/null
+  for f in steps.txt cuda-tests.log ops.csv train_step.csv plots/summary.md; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/"
+  done
+}
+trap pack EXIT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
+STEPS_WANTED=",${GPU_CHECK_STEPS:-tests,ops,train,max},"
+wanted() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 OPS=${GPU_CHECK_OPS:-mutex_attention,mab,fab}
 DEVICE=cuda BATCH=32 SIZE=224 STEPS=10 WARMUP=3 REPS=30
 if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
@@ -65,39 +82,49 @@ fi
 tail -3 "$OUT/build.log"
 timeout 60 $PY -c "import mutex_attn as ma; print('backends on $DEVICE:', ma.available_backends('$DEVICE'))" | tee -a "$OUT/env.txt"
 
-step "GPU tests (pytest -m cuda)"
-run "GPU tests" "$(limit 200 170)" "$OUT/cuda-tests.log" $PY -m pytest -q -m cuda tests/ -p no:cacheprovider \
-  --durations=10 --junitxml "$OUT/cuda-tests.xml"
-tail -15 "$OUT/cuda-tests.log"
+if wanted tests; then
+  step "GPU tests (tests/test_cuda.py, and tests/test_triton.py on the GPU)"
+  xdist=(); $PY -c "import xdist" 2>/dev/null && [ "$DEVICE" = cuda ] && xdist=(-n 8)
+  per_test=(); $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)
+  OMP_NUM_THREADS=2 run "GPU tests" "$(limit 200 170)" "$OUT/cuda-tests.log" $PY -m pytest -q -rfE tests/test_cuda.py tests/test_triton.py \
+    -p no:cacheprovider "${xdist[@]}" "${per_test[@]}" --durations=10 --junitxml "$OUT/cuda-tests.xml" \
+    ${GPU_CHECK_PYTEST:-}
+  grep -E "^(FAILED|ERROR)" "$OUT/cuda-tests.log" | head -40
+  tail -15 "$OUT/cuda-tests.log"
+fi
 
-step "op benchmark (batch 32, five ResNet-50 stage shapes, full = forward + backward)"
-reserve=140
-for cfg in "float32 contiguous" "bfloat16 contiguous" "bfloat16 channels_last"; do
-  set -- $cfg
-  secs=$(limit 75 $reserve); reserve=$((reserve - 35))
-  run "ops $1 $2" "$secs" "$OUT/bench_${1}_${2}.txt" $PY benchmarks/bench_ops.py --device $DEVICE \
-    --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton \
-    --dtype "$1" --layout "$2" --reps $REPS --time-budget $((secs > 35 ? secs - 25 : 10)) --csv "$OUT/ops.csv"
-done
+if wanted ops; then
+  step "op benchmark (batch 32, five ResNet-50 stage shapes, full = forward + backward)"
+  reserve=140
+  for cfg in "float32 contiguous" "bfloat16 contiguous" "bfloat16 channels_last"; do
+    set -- $cfg
+    secs=$(limit 75 $reserve); reserve=$((reserve - 35))
+    run "ops $1 $2" "$secs" "$OUT/bench_${1}_${2}.txt" $PY benchmarks/bench_ops.py --device $DEVICE \
+      --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton \
+      --dtype "$1" --layout "$2" --reps $REPS --time-budget $((secs > 35 ? secs - 25 : 10)) --csv "$OUT/ops.csv"
+  done
+fi
 
-step "training step (MA-Net ResNet-50, batch 32, 224 px, bf16 autocast, channels_last, eager)"
-run "train step" "$(limit 100 25)" "$OUT/train_step.txt" $PY benchmarks/bench_train_step.py --device $DEVICE \
-  --batch $BATCH --size $SIZE --amp bf16 --channels-last --backends reference,native,triton --no-compile \
-  --steps $STEPS --warmup $WARMUP --csv "$OUT/train_step.csv"
+if wanted train; then
+  step "training step (MA-Net ResNet-50, batch 32, 224 px, bf16 autocast, channels_last, eager)"
+  run "train step" "$(limit 100 25)" "$OUT/train_step.txt" $PY benchmarks/bench_train_step.py --device $DEVICE \
+    --batch $BATCH --size $SIZE --amp bf16 --channels-last --backends reference,native,triton --no-compile \
+    --steps $STEPS --warmup $WARMUP --csv "$OUT/train_step.csv"
+fi
 
-if [ $(( BUDGET - SECONDS - 25 )) -ge 100 ]; then
+if wanted max && [ $(( BUDGET - SECONDS - 25 )) -ge 100 ]; then
   step "op benchmark with compile-max (bfloat16 channels_last)"
   secs=$(limit 240 25)
   run "ops compile-max" "$secs" "$OUT/bench_bfloat16_channels_last_max.txt" $PY benchmarks/bench_ops.py \
     --device $DEVICE --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" \
     --providers reference,compile,compile-max,native,triton --dtype bfloat16 --layout channels_last \
     --reps $REPS --time-budget $((secs - 30)) --csv "$OUT/ops.csv"
-else
+elif wanted max; then
   echo "compile-max run left out: under 100 s left" | tee -a "$OUT/steps.txt"
 fi
 
 step plots
-run plots "$(limit 60 0)" "$OUT/plot.log" $PY benchmarks/plot.py --ops-csv "$OUT/ops.csv" \
+[ -s "$OUT/ops.csv" ] && run plots "$(limit 60 0)" "$OUT/plot.log" $PY benchmarks/plot.py --ops-csv "$OUT/ops.csv" \
   --train-csv "$OUT/train_step.csv" --out "$OUT/plots" --summary --commit all
 
 step summary
