@@ -129,12 +129,16 @@ def test_gradcheck_cuda_float64():
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_compile_fullgraph_cuda(backend):
-    block, _ = _blocks(64, "cuda", backend)
+    """Compiled (fullgraph) as accurate as eager against float64: the compiler rewrites the
+    gate network's float32 arithmetic, so the two need not agree to the last bits."""
+    block, reference = _blocks(64, "cuda", backend)
     compiled_module = copy.deepcopy(block)
     compiled = torch.compile(compiled_module, fullgraph=True)
     x, y = make_pair((8, 64, 28, 28), torch.float32, "channels_last", device="cuda")
-    for a, b in zip(run_block(block, x, y), run_block(compiled, x, y)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    truth = run_block(copy.deepcopy(reference).double().cpu(), x.double().cpu(), y.double().cpu())
+    eager = run_block(block, x, y)
+    assert_as_accurate(eager, run_block(reference, x, y), truth, FLOOR[torch.float32])
+    assert_as_accurate(run_block(compiled, x, y), eager, truth, FLOOR[torch.float32])
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -12,9 +12,15 @@ The fused path runs the four row kernels of SPEC §1:
               K4 backward_apply(dout, x, y, gate, dv, ...) -> dx, dy
 
 Only x, y and O(N·C) row statistics are saved; d, A, am and mix are recomputed. The gate
-network's forward and backward are written out with plain tensor ops (no autograd inside
-backward), so torch.compile can trace the whole block. BatchNorm's running statistics are
-updated outside the autograd function, exactly as nn.BatchNorm1d would.
+network's forward and backward are written out with tensor ops (no autograd inside backward),
+so torch.compile can trace the whole block, in one of two forms:
+  - on CUDA (FUSED_GATE_DEVICES), ATen's fused ops: one kernel per BatchNorm, which also updates
+    the running statistics as nn.BatchNorm1d does. The gate's [N, C] tensors are tiny there and
+    its cost is the host's time per launched op: measured on an H100, the written-out form
+    (~90 ops) held every stage shape at ~2 ms.
+  - elsewhere, op by op (_bn_forward, _bn_backward), with the running statistics updated after
+    the autograd function: ATen's fused CPU BatchNorm is not bitwise stable across thread
+    counts, and on CPU the kernels' time dwarfs the gate's ops.
 """
 from __future__ import annotations
 
@@ -75,6 +81,60 @@ def gate_backward(dgate, gate, v, p, saved, batch1, batch2):
     return dv, (dW1, dg1, db1, dW2, dg2, db2, dWm, dbm, -dWm, -dbm)
 
 
+def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_stats, factor):
+    """native_batch_norm; returns (out, a, b) where (a, b) is what _fused_bn_backward needs:
+    the batch mean and 1/std (batch statistics) or the running mean and variance (eval)."""
+    if batch_stats:
+        keep = factor is not None  # update the running statistics in the same kernel
+        out, mean, invstd = torch.native_batch_norm(
+            h, weight, bias, running_mean if keep else None, running_var if keep else None,
+            True, factor if keep else 0.0, eps)
+        return out, mean, invstd
+    out, _, _ = torch.native_batch_norm(h, weight, bias, running_mean, running_var, False, 0.0, eps)
+    return out, running_mean, running_var
+
+
+def _fused_bn_backward(grad, h, weight, a, b, batch_stats, eps):
+    if batch_stats:
+        return torch.ops.aten.native_batch_norm_backward(grad, h, weight, None, None, a, b, True, eps, [True] * 3)
+    return torch.ops.aten.native_batch_norm_backward(grad, h, weight, a, b, None, None, False, eps, [True] * 3)
+
+
+def fused_gate_forward(v, p, batch1, batch2, eps1, eps2, factor1, factor2):
+    """gate_forward in ATen's fused ops (about a third as many). factorK: the running
+    statistics' update factor of BatchNorm K (None: no update), applied in its kernel."""
+    h1 = v @ p.W1.T
+    b1, a1, c1 = _fused_bn_forward(h1, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1, factor1)
+    r1 = torch.relu(b1)
+    h2 = r1 @ p.W2.T
+    b2, a2, c2 = _fused_bn_forward(h2, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2, factor2)
+    z = torch.relu(b2)
+    w_diff = p.Wm - p.Wn
+    gate = torch.sigmoid(torch.addmm(p.bm - p.bn, z, w_diff.T))
+    return gate, (h1, a1, c1, r1, h2, a2, c2, z, w_diff)
+
+
+def fused_gate_backward(dgate, gate, v, p, saved, batch1, batch2, eps1, eps2):
+    """dv and the parameter grads of fused_gate_forward, as gate_backward."""
+    h1, a1, c1, r1, h2, a2, c2, z, w_diff = saved
+    dlogit = torch.ops.aten.sigmoid_backward(dgate, gate)
+    dWm, dbm = dlogit.T @ z, dlogit.sum(0)
+    dz = torch.ops.aten.threshold_backward(dlogit @ w_diff, z, 0)
+    dh2, dg2, db2 = _fused_bn_backward(dz, h2, p.g2, a2, c2, batch2, eps2)
+    dW2 = dh2.T @ r1
+    dr1 = torch.ops.aten.threshold_backward(dh2 @ p.W2, r1, 0)
+    dh1, dg1, db1 = _fused_bn_backward(dr1, h1, p.g1, a1, c1, batch1, eps1)
+    return dh1 @ p.W1, (dh1.T @ v, dg1, db1, dW2, dg2, db2, dWm, dbm, -dWm, -dbm)
+
+
+def _running_factor(bn):
+    """nn.BatchNorm1d's update factor for this batch, after counting it; None: no update."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return None
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
 def _update_running_stats(bn, mean, var, n):
     """What nn.BatchNorm1d does in training mode (unbiased variance, momentum or cumulative)."""
     if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
@@ -106,6 +166,8 @@ class GateParams(NamedTuple):
 
 
 _NUM_PARAMS, _NUM_BUFFERS = 10, 4
+# Where the gate network runs as ATen's fused ops (see the module docstring); tests add "cpu".
+FUSED_GATE_DEVICES = {"cuda"}
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -119,31 +181,50 @@ def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
-def _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2):
+def _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2, factors):
     """The gate network's forward inside a fused autograd.Function: its parameters in v's
-    (compute) dtype, the batch flags and parameter dtypes kept on ctx. Returns the gate, the
-    tensors _gate_backward needs (to save) and the BatchNorm statistics (non-differentiable
-    outputs of the Function, for the running ones)."""
-    p = GateParams(*[t.to(v.dtype) if t is not None else None for t in tensors])
-    gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
-    ctx.batch = (batch1, batch2)
+    (compute) dtype, the batch flags and parameter dtypes kept on ctx. factors: None for the
+    op-by-op form, else the fused form's running-statistics update factors. Returns the gate,
+    the tensors _gate_backward needs (to save) and the BatchNorm batch statistics (op-by-op
+    form only: non-differentiable outputs of the Function, for the running ones)."""
+    ctx.batch, ctx.eps, ctx.fused = (batch1, batch2), (eps1, eps2), factors is not None
     ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
-    ctx.mark_non_differentiable(*batch)
+    p = GateParams(*[t if t is None or t.dtype == v.dtype else t.to(v.dtype) for t in tensors])
+    if ctx.fused:
+        gate, saved = fused_gate_forward(v, p, batch1, batch2, eps1, eps2, *factors)
+        batch = ()
+    else:
+        gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
+        ctx.mark_non_differentiable(*batch)
     return gate, (*saved, *p[:_NUM_PARAMS]), batch
 
 
 def _gate_backward(ctx, dgate, gate, v, gate_saved):
     """dv, and the Function's gradients for its gate arguments (parameters in their own
     dtypes, None for the running statistics), from what _gate_forward saved."""
-    saved, params = gate_saved[:-_NUM_PARAMS], gate_saved[-_NUM_PARAMS:]
-    dv, dparams = gate_backward(dgate, gate, v, GateParams(*params), saved, *ctx.batch)
-    dparams = [g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
+    saved, params = gate_saved[:-_NUM_PARAMS], GateParams(*gate_saved[-_NUM_PARAMS:])
+    if ctx.fused:
+        dv, dparams = fused_gate_backward(dgate, gate, v, params, saved, *ctx.batch, *ctx.eps)
+    else:
+        dv, dparams = gate_backward(dgate, gate, v, params, saved, *ctx.batch)
+    dparams = [g if g.dtype == dt else g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
     return dv, (*dparams, *([None] * _NUM_BUFFERS))
+
+
+def _fused_gate(a, gate_net) -> bool:
+    """Whether the gate runs in the fused form: on FUSED_GATE_DEVICES, with the parameters and
+    running statistics already in the compute dtype (so the fused BatchNorm updates the
+    module's own running statistics, not a converted copy)."""
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.device.type in FUSED_GATE_DEVICES and all(
+        t.dtype == compute for t in gate_net.parameters()) and all(
+        t.dtype == compute for t in gate_net.buffers() if t.is_floating_point())
 
 
 def _apply_with_gate(function, a, b, gate_net, what):
     """function.apply(a, b, ...) with the GateNetwork's parameters and BatchNorm state passed
-    as tensors, then its running statistics updated as nn.BatchNorm1d would."""
+    as tensors; the running statistics are updated as nn.BatchNorm1d would (by the fused
+    BatchNorm kernels, or here after the function)."""
     g = gate_net
     check_gate_precision(a.dtype, g.fc1.weight.dtype)
     batch1, batch2 = _bn_batch_stats(g.bn1), _bn_batch_stats(g.bn2)
@@ -157,9 +238,12 @@ def _apply_with_gate(function, a, b, gate_net, what):
         g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
         g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
     )
-    out, mean1, var1, mean2, var2 = function.apply(a, b, batch1, batch2, g.bn1.eps, g.bn2.eps, *tensors)
-    _update_running_stats(g.bn1, mean1, var1, a.shape[0])
-    _update_running_stats(g.bn2, mean2, var2, a.shape[0])
+    factors = (_running_factor(g.bn1), _running_factor(g.bn2)) if _fused_gate(a, g) else None
+    out, *batch = function.apply(a, b, batch1, batch2, g.bn1.eps, g.bn2.eps, factors, *tensors)
+    if batch:
+        mean1, var1, mean2, var2 = batch
+        _update_running_stats(g.bn1, mean1, var1, a.shape[0])
+        _update_running_stats(g.bn2, mean2, var2, a.shape[0])
     return out
 
 
@@ -184,10 +268,10 @@ def make_fused_fab(ops):
 
     class FusedFab(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, am, y, batch1, batch2, eps1, eps2, *tensors):
+        def forward(ctx, am, y, batch1, batch2, eps1, eps2, factors, *tensors):
             with torch.autocast(am.device.type, enabled=False):
                 v, argmax = ops.fab_pool(am, y)
-                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2)
+                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2, factors)
                 out = ops.fab_blend(am, y, gate)
             ctx.save_for_backward(am, y, v, gate, argmax, *gate_saved)
             return (out, *batch)
@@ -199,7 +283,7 @@ def make_fused_fab(ops):
                 dam, dy, dgate = ops.fab_blend_backward(dout, am, y, gate)
                 dv, gate_grads = _gate_backward(ctx, dgate, gate, v, gate_saved)
                 _add_pool_grad((dam, dy), dv, argmax)
-            return (dam, dy, None, None, None, None, *gate_grads)
+            return (dam, dy, None, None, None, None, None, *gate_grads)
 
     def fab(am, y, gate_net):
         return _apply_with_gate(FusedFab, am, y, gate_net, "FAB")
@@ -215,13 +299,13 @@ def make_fused_function(ops, reads_channels_last):
 
     class FusedMutexAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, y, batch1, batch2, eps1, eps2, *tensors):
+        def forward(ctx, x, y, batch1, batch2, eps1, eps2, factors, *tensors):
             if not (reads_channels_last(x.device) and is_channels_last(x)):
                 x = x.contiguous()
             y = _layout_like(y, x)
             with torch.autocast(x.device.type, enabled=False):
                 v, row_max, row_sum, argmax = ops.stats(x, y)
-                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2)
+                gate, gate_saved, batch = _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2, factors)
                 out = ops.apply(x, y, gate, row_max, row_sum)
             ctx.save_for_backward(x, y, v, gate, row_max, row_sum, argmax, *gate_saved)
             return (out, *batch)
@@ -235,7 +319,7 @@ def make_fused_function(ops, reads_channels_last):
                 dgate = stats[..., S1] - stats[..., DOUT_Y]
                 dv, gate_grads = _gate_backward(ctx, dgate, gate, v, gate_saved)
                 dx, dy = ops.backward_apply(dout, x, y, gate, dv, row_max, row_sum, argmax, stats)
-            return (dx, dy, None, None, None, None, *gate_grads)
+            return (dx, dy, None, None, None, None, None, *gate_grads)
 
     def mutex_attention(x, y, gate_net):
         return _apply_with_gate(FusedMutexAttention, x, y, gate_net, "MutexAttention")
