@@ -14,7 +14,7 @@
 # If time is left after the training step (>= 100 s), bfloat16 channels_last runs once more
 # with compile-max (torch.compile mode="max-autotune-no-cudagraphs") among the providers.
 # Overrides: GPU_CHECK_OPS (default mutex_attention,mab,fab), PYTHON (default python3, else
-# python), TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_STEPS (default tests,ops,train,max: which
+# python), TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_STEPS (default tests,ops,profile,train,max: which
 # steps run after the build; a second, shorter call after a fix names fewer), GPU_CHECK_PYTEST
 # (extra pytest arguments, e.g. "-k mab" to rerun what failed).
 # The GPU tests run in 8 pytest-xdist workers where xdist is installed (Triton's compiles and
@@ -30,7 +30,7 @@ mkdir -p "$RESULTS"
 OUT=$(mktemp -d)
 pack() {
   tar -C "$OUT" -czf "$RESULTS/gpu_results.tar.gz" . 2>/dev/null
-  for f in steps.txt cuda-tests.log ops.csv train_step.csv plots/summary.md; do
+  for f in steps.txt cuda-tests.log ops.csv train_step.csv profile.txt plots/summary.md; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/"
   done
 }
@@ -40,7 +40,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-STEPS_WANTED=",${GPU_CHECK_STEPS:-tests,ops,train,max},"
+STEPS_WANTED=",${GPU_CHECK_STEPS:-tests,ops,profile,train,max},"
 wanted() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 OPS=${GPU_CHECK_OPS:-mutex_attention,mab,fab}
 DEVICE=cuda BATCH=32 SIZE=224 STEPS=10 WARMUP=3 REPS=30
@@ -95,14 +95,23 @@ fi
 
 if wanted ops; then
   step "op benchmark (batch 32, five ResNet-50 stage shapes, full = forward + backward)"
-  reserve=140
+  after=15; wanted profile && after=$((after + 45)); wanted train && after=$((after + 60))
+  left=3
   for cfg in "float32 contiguous" "bfloat16 contiguous" "bfloat16 channels_last"; do
     set -- $cfg
-    secs=$(limit 75 $reserve); reserve=$((reserve - 35))
+    left=$((left - 1)); secs=$(limit 75 $((after + 40 * left)))
     run "ops $1 $2" "$secs" "$OUT/bench_${1}_${2}.txt" $PY benchmarks/bench_ops.py --device $DEVICE \
       --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton \
       --dtype "$1" --layout "$2" --reps $REPS --time-budget $((secs > 35 ? secs - 25 : 10)) --csv "$OUT/ops.csv"
   done
+fi
+
+if wanted profile; then
+  step "profile (where a stage-1 step's time goes: wall vs kernel time, launches)"
+  rest=15; wanted train && rest=75
+  run profile "$(limit 45 $rest)" "$OUT/profile.txt" $PY benchmarks/profile_op.py \
+    --device $DEVICE --shape "$BATCH,256,$((SIZE / 4)),$((SIZE / 4))" --dtype float32
+  cat "$OUT/profile.txt"
 fi
 
 if wanted train; then
