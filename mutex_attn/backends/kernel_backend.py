@@ -82,48 +82,52 @@ def gate_backward(dgate, gate, v, p, saved, batch1, batch2):
 
 
 def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_stats, factor):
-    """native_batch_norm; returns (out, a, b) where (a, b) is what _fused_bn_backward needs:
-    the batch mean and 1/std (batch statistics) or the running mean and variance (eval)."""
-    if batch_stats:
-        keep = factor is not None  # update the running statistics in the same kernel
-        out, mean, invstd = torch.native_batch_norm(
-            h, weight, bias, running_mean if keep else None, running_var if keep else None,
-            True, factor if keep else 0.0, eps)
-        return out, mean, invstd
-    out, _, _ = torch.native_batch_norm(h, weight, bias, running_mean, running_var, False, 0.0, eps)
-    return out, running_mean, running_var
+    """native_batch_norm; returns its output and what _fused_bn_backward needs: the running
+    statistics (eval mode only) and the kernel's saved mean and 1/std. CUDA's backward wants
+    the saved pair defined even in eval mode, where it reads the running statistics."""
+    keep = batch_stats and factor is not None  # update the running statistics in the kernel
+    if batch_stats and not keep:
+        running_mean = running_var = None
+    out, save_mean, save_invstd = torch.native_batch_norm(
+        h, weight, bias, running_mean, running_var, batch_stats, factor if keep else 0.0, eps)
+    running = (None, None) if batch_stats else (running_mean, running_var)
+    return out, (*running, save_mean, save_invstd)
 
 
-def _fused_bn_backward(grad, h, weight, a, b, batch_stats, eps):
-    if batch_stats:
-        return torch.ops.aten.native_batch_norm_backward(grad, h, weight, None, None, a, b, True, eps, [True] * 3)
-    return torch.ops.aten.native_batch_norm_backward(grad, h, weight, a, b, None, None, False, eps, [True] * 3)
+def _fused_bn_backward(grad, h, weight, stats, batch_stats, eps):
+    running_mean, running_var, save_mean, save_invstd = stats
+    return _native_batch_norm_backward(grad, h, weight, running_mean, running_var, save_mean, save_invstd,
+                                       batch_stats, eps, [True] * 3)
+
+
+# (a name of its own so that tests can hold it to CUDA's argument contract on CPU)
+_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 
 def fused_gate_forward(v, p, batch1, batch2, eps1, eps2, factor1, factor2):
     """gate_forward in ATen's fused ops (about a third as many). factorK: the running
     statistics' update factor of BatchNorm K (None: no update), applied in its kernel."""
     h1 = v @ p.W1.T
-    b1, a1, c1 = _fused_bn_forward(h1, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1, factor1)
+    b1, stats1 = _fused_bn_forward(h1, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1, factor1)
     r1 = torch.relu(b1)
     h2 = r1 @ p.W2.T
-    b2, a2, c2 = _fused_bn_forward(h2, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2, factor2)
+    b2, stats2 = _fused_bn_forward(h2, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2, factor2)
     z = torch.relu(b2)
     w_diff = p.Wm - p.Wn
     gate = torch.sigmoid(torch.addmm(p.bm - p.bn, z, w_diff.T))
-    return gate, (h1, a1, c1, r1, h2, a2, c2, z, w_diff)
+    return gate, (h1, *stats1, r1, h2, *stats2, z, w_diff)
 
 
 def fused_gate_backward(dgate, gate, v, p, saved, batch1, batch2, eps1, eps2):
     """dv and the parameter grads of fused_gate_forward, as gate_backward."""
-    h1, a1, c1, r1, h2, a2, c2, z, w_diff = saved
+    h1, stats1, r1, h2, stats2, z, w_diff = saved[0], saved[1:5], saved[5], saved[6], saved[7:11], *saved[11:]
     dlogit = torch.ops.aten.sigmoid_backward(dgate, gate)
     dWm, dbm = dlogit.T @ z, dlogit.sum(0)
     dz = torch.ops.aten.threshold_backward(dlogit @ w_diff, z, 0)
-    dh2, dg2, db2 = _fused_bn_backward(dz, h2, p.g2, a2, c2, batch2, eps2)
+    dh2, dg2, db2 = _fused_bn_backward(dz, h2, p.g2, stats2, batch2, eps2)
     dW2 = dh2.T @ r1
     dr1 = torch.ops.aten.threshold_backward(dh2 @ p.W2, r1, 0)
-    dh1, dg1, db1 = _fused_bn_backward(dr1, h1, p.g1, a1, c1, batch1, eps1)
+    dh1, dg1, db1 = _fused_bn_backward(dr1, h1, p.g1, stats1, batch1, eps1)
     return dh1 @ p.W1, (dh1.T @ v, dg1, db1, dW2, dg2, db2, dWm, dbm, -dWm, -dbm)
 
 
