@@ -110,6 +110,10 @@ NORMAL = dict(batch="4", shapes="layer1", reps=20, warmup=3, modes="full",
 
 # ------------------------------------------------------------------------------ metadata
 def git_commit() -> str:
+    """HEAD's short hash, or $MUTEX_ATTN_COMMIT: the GPU machine's copy of .git can be a stale
+    snapshot of the tree it runs (seen: every result there said the session's first commit)."""
+    if os.environ.get("MUTEX_ATTN_COMMIT"):
+        return os.environ["MUTEX_ATTN_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
@@ -119,6 +123,8 @@ def git_commit() -> str:
 
 def git_dirty() -> str:
     """'yes' when tracked files differ from the commit (the numbers are not the commit's)."""
+    if os.environ.get("MUTEX_ATTN_COMMIT"):
+        return "unknown"  # the stated commit, not git's: nothing to compare with
     try:
         out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
                                       text=True, cwd=Path(__file__).parent, stderr=subprocess.DEVNULL)

@@ -16,7 +16,8 @@
 # Overrides: GPU_CHECK_OPS (default mutex_attention,mab,fab), PYTHON (default python3, else
 # python), TORCH_CUDA_ARCH_LIST, MAX_JOBS, GPU_CHECK_STEPS (default tests,ops,profile,train,max: which
 # steps run after the build; a second, shorter call after a fix names fewer), GPU_CHECK_PYTEST
-# (extra pytest arguments, e.g. "-k mab" to rerun what failed).
+# (extra pytest arguments, e.g. "-k mab" to rerun what failed), GPU_CHECK_COMMIT (the commit
+# the tree is, for the results: the device's copy of .git can be a stale snapshot).
 # The GPU tests run in 8 pytest-xdist workers where xdist is installed (Triton's compiles and
 # the float64 CPU oracle are CPU work), each test under a 120 s timeout where pytest-timeout is.
 # GPU_CHECK_DRY_RUN=1 rehearses the script on a CPU machine: no build (the extension must be
@@ -38,6 +39,7 @@ trap pack EXIT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -n "${GPU_CHECK_COMMIT:-}" ] && export MUTEX_ATTN_COMMIT=$GPU_CHECK_COMMIT
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 STEPS_WANTED=",${GPU_CHECK_STEPS:-tests,ops,profile,train,max},"
@@ -69,7 +71,7 @@ run() {
 }
 
 step environment
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; git rev-parse --short HEAD 2>/dev/null
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   timeout 60 $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible')"
   timeout 60 $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null; } | tee "$OUT/env.txt"
 

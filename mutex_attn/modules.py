@@ -10,6 +10,7 @@ from torch import nn
 
 from mutex_attn import _validation as check
 from mutex_attn.backends import check_backend_name, resolve
+from mutex_attn.backends.kernel_backend import is_channels_last
 
 
 def mab(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -21,7 +22,7 @@ def mab(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> torch.Ten
     check_backend_name(backend)
     if x.numel() == 0:
         return x * y  # empty, but still connected to both inputs for autograd
-    return resolve(backend, x.device).mab(x, y)
+    return resolve(backend, x.device, "mab", is_channels_last(x)).mab(x, y)
 
 
 class GateNetwork(nn.Module):
@@ -87,7 +88,7 @@ class FusionAttentionBlock(nn.Module):
         _check_fab_inputs(am, y, ("am", "y"), self.channels)
         if am.shape[0] == 0:
             return am * y
-        return resolve(self.backend, am.device).fab(am, y, self.gate)
+        return resolve(self.backend, am.device, "fab", is_channels_last(am)).fab(am, y, self.gate)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, backend={self.backend!r}"
@@ -111,7 +112,7 @@ class MutexAttention(nn.Module):
         _check_fab_inputs(x, y, ("x", "y"), self.channels)
         if x.shape[0] == 0:
             return x * y
-        return resolve(self.backend, x.device).mutex_attention(x, y, self.fab.gate)
+        return resolve(self.backend, x.device, "mutex_attention", is_channels_last(x)).mutex_attention(x, y, self.fab.gate)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, backend={self.backend!r}"

@@ -49,3 +49,20 @@ def test_stale_build_warns_at_import_but_a_missing_one_does_not(monkeypatch, rec
                                                         "mutex_attn._C is stale: it lacks ['x'])"})
     with pytest.warns(RuntimeWarning, match="native backend is unavailable.*stale"):
         backends.preload()
+
+
+def test_auto_order_follows_the_gpu_measurements(monkeypatch):
+    """On CUDA: native first, except MAB on channels_last (Triton) and FAB (the reference)."""
+    order = backends.auto_order
+    assert order("cuda", "mutex_attention", False) == order("cuda", "mutex_attention", True) == order("cuda")
+    assert order("cuda", "mab", False)[0] == "native" and order("cuda", "mab", True)[0] == "triton"
+    assert order("cuda", "fab", False)[0] == order("cuda", "fab", True)[0] == "reference"
+    assert all(order("cpu", op, cl) == ("native", "reference")
+               for op in ("mab", "fab", "mutex_attention") for cl in (False, True))
+    # and resolve() follows it, falling back past what cannot run
+    available = {"reference", "native"}
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device="cpu": None if name in available else "no")
+    assert backends._pick("auto", "cuda", "mab", True) == "native"
+    available.add("triton")
+    assert backends._pick("auto", "cuda", "mab", True) == "triton"
+    assert backends._pick("auto", "cuda", "fab", False) == "reference"

@@ -16,13 +16,25 @@ from types import ModuleType
 
 import torch
 
-# Fastest first: "auto" picks the first available one for the inputs' device.
 _MODULES = {
     "native": "mutex_attn.backends.native",
     "triton": "mutex_attn.backends.triton",
     "reference": "mutex_attn.backends.reference",
 }
+# Fastest first: "auto" picks the first available one for the inputs' device...
 _AUTO_ORDER = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}
+# ...except where the benchmarks measured otherwise: (device, op, channels_last) -> order.
+# H100, batch 32, the five ResNet-50 stage shapes (benchmarks/RESULTS.md, "GPU"):
+#   mab on channels_last: triton 1.5-2.3x faster than native in all three cases measured;
+#   fab: the eager reference beat both kernel backends in all eleven (0.51-0.80x), whose
+#     time there is the host's, for the gate network's ops (measured before the gate's fused
+#     CUDA form, which cuts FAB's host ops by 40% and is not yet measured on a GPU).
+# MutexAttention (what MA-Net uses): native was fastest in 12 of 13 cases, so the default.
+_AUTO_EXCEPTIONS = {
+    ("cuda", "mab", True): ("triton", "native", "reference"),
+    ("cuda", "fab", False): ("reference", "native", "triton"),
+    ("cuda", "fab", True): ("reference", "native", "triton"),
+}
 _HOW_TO_GET = {
     "native": "build the C++ extension with `pip install --no-build-isolation -e .` "
     "(add FORCE_CUDA=1 to build the CUDA kernels without a visible GPU)",
@@ -70,11 +82,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return sorted(name for name in _MODULES if unavailable_reason(name, device) is None)
 
 
+def auto_order(device_type: str, op: str | None = None, channels_last: bool = False) -> tuple[str, ...]:
+    """The backends "auto" tries for `op` on `device_type`, fastest first."""
+    default = _AUTO_ORDER.get(device_type, ("reference",))
+    return _AUTO_EXCEPTIONS.get((device_type, op, channels_last), default)
+
+
 @torch.compiler.assume_constant_result
-def _pick(backend: str, device_type: str) -> str:
+def _pick(backend: str, device_type: str, op: str | None = None, channels_last: bool = False) -> str:
     """The backend name to use (runs eagerly even under torch.compile: it imports modules)."""
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        for name in auto_order(device_type, op, channels_last):
             if unavailable_reason(name, device_type) is None:
                 return name
         raise AssertionError("the reference backend is always available")  # pragma: no cover
@@ -87,9 +105,10 @@ def _pick(backend: str, device_type: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> ModuleType:
-    """The backend module to use for tensors on `device`; a clear error when it cannot run."""
-    return _loaded[_pick(backend, device.type)]  # type: ignore[return-value]
+def resolve(backend: str, device: torch.device, op: str | None = None, channels_last: bool = False) -> ModuleType:
+    """The backend module to use for `op` ("mab", "fab", "mutex_attention") on tensors on
+    `device` in that layout; a clear error when the named backend cannot run there."""
+    return _loaded[_pick(backend, device.type, op, channels_last)]  # type: ignore[return-value]
 
 
 def check_backend_name(backend: str) -> str:
