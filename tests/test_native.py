@@ -273,7 +273,7 @@ def test_fused_gate_form_compiles_fullgraph(monkeypatch):
 
     # (not the counting fixture: dynamo cannot trace its list.append inside the Function)
     monkeypatch.setattr(kernel_backend, "FUSED_GATE_DEVICES", {"cpu", "cuda"})
-    assert kernel_backend._fused_gate(torch.ones(1), ma.MutexAttention(8).fab.gate)
+    assert kernel_backend._fused_gate(torch.ones(1), list(ma.MutexAttention(8).fab.gate.parameters()))
     test_compile_fullgraph_mutex_attention_matches_eager()
 
 

@@ -215,14 +215,12 @@ def _gate_backward(ctx, dgate, gate, v, gate_saved):
     return dv, (*dparams, *([None] * _NUM_BUFFERS))
 
 
-def _fused_gate(a, gate_net) -> bool:
-    """Whether the gate runs in the fused form: on FUSED_GATE_DEVICES, with the parameters and
-    running statistics already in the compute dtype (so the fused BatchNorm updates the
-    module's own running statistics, not a converted copy)."""
+def _fused_gate(a, tensors) -> bool:
+    """Whether the gate runs in the fused form: on FUSED_GATE_DEVICES, with its parameters and
+    running statistics (`tensors`) already in the compute dtype (so the fused BatchNorm updates
+    the module's own running statistics, not a converted copy)."""
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return a.device.type in FUSED_GATE_DEVICES and all(
-        t.dtype == compute for t in gate_net.parameters()) and all(
-        t.dtype == compute for t in gate_net.buffers() if t.is_floating_point())
+    return a.device.type in FUSED_GATE_DEVICES and all(t is None or t.dtype == compute for t in tensors)
 
 
 def _apply_with_gate(function, a, b, gate_net, what):
@@ -242,7 +240,7 @@ def _apply_with_gate(function, a, b, gate_net, what):
         g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
         g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
     )
-    factors = (_running_factor(g.bn1), _running_factor(g.bn2)) if _fused_gate(a, g) else None
+    factors = (_running_factor(g.bn1), _running_factor(g.bn2)) if _fused_gate(a, tensors) else None
     out, *batch = function.apply(a, b, batch1, batch2, g.bn1.eps, g.bn2.eps, factors, *tensors)
     if batch:
         mean1, var1, mean2, var2 = batch
