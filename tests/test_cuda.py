@@ -142,6 +142,28 @@ def test_compile_fullgraph_cuda(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("block_cls", ["mutex_attention", "fab"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_mode_gradients_cuda(backend, block_cls, dtype):
+    """Eval mode (running statistics) forward + backward, as Grad-CAM runs it. The fused CUDA
+    gate's BatchNorm backward takes other arguments there; it failed on the H100 once."""
+    from test_ops import _randomize_bn
+
+    if block_cls == "fab":
+        block = ma.FusionAttentionBlock(64, backend=backend).cuda()
+        _randomize_bn(type("B", (), {"fab": block}))
+    else:
+        block = ma.MutexAttention(64, backend=backend).cuda()
+        _randomize_bn(block)
+    block.eval()
+    reference = copy.deepcopy(block)
+    reference.backend = "reference"
+    x, y = make_pair((4, 64, 14, 14), dtype, "channels_last", device="cuda")
+    truth = run_block(copy.deepcopy(reference).double().cpu(), x.double().cpu(), y.double().cpu())
+    assert_as_accurate(run_block(block, x, y), run_block(reference, x, y), truth, FLOOR[dtype])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_huge_distances_stay_finite_cuda(backend):
     """d ~ 1e30: a fused multiply-add across d − max would overflow the softmax."""
     x, y = make_pair((2, 8, 9, 9), device="cuda")

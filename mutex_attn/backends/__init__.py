@@ -25,11 +25,11 @@ _MODULES = {
 _AUTO_ORDER = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}
 # ...except where the benchmarks measured otherwise: (device, op, channels_last) -> order.
 # H100, batch 32, the five ResNet-50 stage shapes (benchmarks/RESULTS.md, "GPU"):
-#   mab on channels_last: triton 1.5-2.3x faster than native in all three cases measured;
-#   fab: the eager reference beat both kernel backends in all eleven (0.51-0.80x), whose
+#   mab on channels_last: triton 1.5-2.4x faster than native in all three cases measured;
+#   fab: the eager reference beat both kernel backends in all ten (0.50-0.80x), whose
 #     time there is the host's, for the gate network's ops (measured before the gate's fused
 #     CUDA form, which cuts FAB's host ops by 40% and is not yet measured on a GPU).
-# MutexAttention (what MA-Net uses): native was fastest in 12 of 13 cases, so the default.
+# MutexAttention (what MA-Net uses): native beat triton in 11 of 12 cases, so the default.
 _AUTO_EXCEPTIONS = {
     ("cuda", "mab", True): ("triton", "native", "reference"),
     ("cuda", "fab", False): ("reference", "native", "triton"),

@@ -90,7 +90,9 @@ def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_sta
         running_mean = running_var = None
     out, save_mean, save_invstd = torch.native_batch_norm(
         h, weight, bias, running_mean, running_var, batch_stats, factor if keep else 0.0, eps)
-    running = (None, None) if batch_stats else (running_mean, running_var)
+    # eval: copies, so that a training-mode forward before this backward (which updates the
+    # module's statistics in place, unseen by autograd's version counters) cannot change it
+    running = (None, None) if batch_stats else (running_mean.clone(), running_var.clone())
     return out, (*running, save_mean, save_invstd)
 
 
@@ -223,6 +225,13 @@ def _fused_gate(a, tensors) -> bool:
     return a.device.type in FUSED_GATE_DEVICES and all(t is None or t.dtype == compute for t in tensors)
 
 
+def _cumulative_average(bn) -> bool:
+    """momentum=None: the update factor 1/num_batches_tracked changes every step, which
+    torch.compile cannot pass into the fused BatchNorm as a constant; such a gate takes the
+    op-by-op form, which updates the statistics after the autograd function."""
+    return bn.momentum is None and bn.training and bn.track_running_stats
+
+
 def _apply_with_gate(function, a, b, gate_net, what):
     """function.apply(a, b, ...) with the GateNetwork's parameters and BatchNorm state passed
     as tensors; the running statistics are updated as nn.BatchNorm1d would (by the fused
@@ -240,7 +249,8 @@ def _apply_with_gate(function, a, b, gate_net, what):
         g.fc_m.weight, g.fc_m.bias, g.fc_n.weight, g.fc_n.bias,
         g.bn1.running_mean, g.bn1.running_var, g.bn2.running_mean, g.bn2.running_var,
     )
-    factors = (_running_factor(g.bn1), _running_factor(g.bn2)) if _fused_gate(a, tensors) else None
+    fused = _fused_gate(a, tensors) and not (_cumulative_average(g.bn1) or _cumulative_average(g.bn2))
+    factors = (_running_factor(g.bn1), _running_factor(g.bn2)) if fused else None
     out, *batch = function.apply(a, b, batch1, batch2, g.bn1.eps, g.bn2.eps, factors, *tensors)
     if batch:
         mean1, var1, mean2, var2 = batch
