@@ -15,9 +15,9 @@ Only x, y and O(N·C) row statistics are saved; d, A, am and mix are recomputed.
 network's forward and backward are written out with tensor ops (no autograd inside backward),
 so torch.compile can trace the whole block, in one of two forms:
   - on CUDA (FUSED_GATE_DEVICES), ATen's fused ops: one kernel per BatchNorm, which also updates
-    the running statistics as nn.BatchNorm1d does. The gate's [N, C] tensors are tiny there and
-    its cost is the host's time per launched op: measured on an H100, the written-out form
-    (~90 ops) held every stage shape at ~2 ms.
+    the running statistics as nn.BatchNorm1d does (momentum=None aside: _cumulative_average).
+    The gate's [N, C] tensors are tiny there and its cost is the host's time per launched op:
+    measured on an H100, the written-out form (~90 ops) held every stage shape at ~2 ms.
   - elsewhere, op by op (_bn_forward, _bn_backward), with the running statistics updated after
     the autograd function: ATen's fused CPU BatchNorm is not bitwise stable across thread
     counts, and on CPU the kernels' time dwarfs the gate's ops.
