@@ -222,6 +222,31 @@ def test_gpu_check_script_parses():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs tar")
+def test_gpu_check_dry_run_packs_its_results(tmp_path):
+    """The GPU script's plumbing, rehearsed on CPU (GPU_CHECK_DRY_RUN=1): a device call is too
+    scarce to find a shell mistake there. Everything lands in the archive, the few files to read
+    beside it, every step says ok."""
+    import os
+    import tarfile
+
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="tests,ops,profile", GPU_CHECK_OPS="mab",
+               GPU_CHECK_PYTEST="-k gpu_backends_are_built", GPU_CHECK_COMMIT="test123",
+               PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    steps = (tmp_path / "steps.txt").read_text()
+    for name in ("GPU tests", "ops float32 contiguous", "ops bfloat16 channels_last", "profile", "plots"):
+        assert f"{name}: ok" in steps, steps
+    with tarfile.open(tmp_path / "gpu_results.tar.gz") as archive:
+        names = {Path(n).name for n in archive.getnames()}
+    assert {"ops.csv", "profile.txt", "env.txt", "cuda-tests.log", "summary.md"} <= names
+    assert {p.name for p in tmp_path.iterdir()} <= {"gpu_results.tar.gz", "steps.txt", "cuda-tests.log",
+                                                   "ops.csv", "train_step.csv", "profile.txt", "summary.md"}
+    assert "test123" in (tmp_path / "ops.csv").read_text()
+
+
 def test_a_failing_provider_is_reported_and_left_out(tmp_path, monkeypatch, capsys):
     make_fn = bench_ops.make_fn
 
