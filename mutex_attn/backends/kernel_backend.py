@@ -81,7 +81,7 @@ def gate_backward(dgate, gate, v, p, saved, batch1, batch2):
     return dv, (dW1, dg1, db1, dW2, dg2, db2, dWm, dbm, -dWm, -dbm)
 
 
-def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_stats, factor):
+def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_stats, factor, for_backward):
     """native_batch_norm; returns its output and what _fused_bn_backward needs: the running
     statistics (eval mode only) and the kernel's saved mean and 1/std. CUDA's backward wants
     the saved pair defined even in eval mode, where it reads the running statistics."""
@@ -92,7 +92,10 @@ def _fused_bn_forward(h, weight, bias, running_mean, running_var, eps, batch_sta
         h, weight, bias, running_mean, running_var, batch_stats, factor if keep else 0.0, eps)
     # eval: copies, so that a training-mode forward before this backward (which updates the
     # module's statistics in place, unseen by autograd's version counters) cannot change it
-    running = (None, None) if batch_stats else (running_mean.clone(), running_var.clone())
+    if batch_stats:
+        running = (None, None)
+    else:
+        running = (running_mean.clone(), running_var.clone()) if for_backward else (running_mean, running_var)
     return out, (*running, save_mean, save_invstd)
 
 
@@ -106,14 +109,15 @@ def _fused_bn_backward(grad, h, weight, stats, batch_stats, eps):
 _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 
-def fused_gate_forward(v, p, batch1, batch2, eps1, eps2, factor1, factor2):
+def fused_gate_forward(v, p, batch1, batch2, eps1, eps2, factor1, factor2, for_backward=True):
     """gate_forward in ATen's fused ops (about a third as many). factorK: the running
-    statistics' update factor of BatchNorm K (None: no update), applied in its kernel."""
+    statistics' update factor of BatchNorm K (None: no update), applied in its kernel.
+    Returns the gate and a flat tuple for fused_gate_backward."""
     h1 = v @ p.W1.T
-    b1, stats1 = _fused_bn_forward(h1, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1, factor1)
+    b1, stats1 = _fused_bn_forward(h1, p.g1, p.b1, p.rm1, p.rv1, eps1, batch1, factor1, for_backward)
     r1 = torch.relu(b1)
     h2 = r1 @ p.W2.T
-    b2, stats2 = _fused_bn_forward(h2, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2, factor2)
+    b2, stats2 = _fused_bn_forward(h2, p.g2, p.b2, p.rm2, p.rv2, eps2, batch2, factor2, for_backward)
     z = torch.relu(b2)
     w_diff = p.Wm - p.Wn
     gate = torch.sigmoid(torch.addmm(p.bm - p.bn, z, w_diff.T))
@@ -122,6 +126,7 @@ def fused_gate_forward(v, p, batch1, batch2, eps1, eps2, factor1, factor2):
 
 def fused_gate_backward(dgate, gate, v, p, saved, batch1, batch2, eps1, eps2):
     """dv and the parameter grads of fused_gate_forward, as gate_backward."""
+    # the flat tuple of fused_gate_forward; each stats is the 4-tuple of _fused_bn_forward
     h1, stats1, r1, h2, stats2, z, w_diff = saved[0], saved[1:5], saved[5], saved[6], saved[7:11], *saved[11:]
     dlogit = torch.ops.aten.sigmoid_backward(dgate, gate)
     dWm, dbm = dlogit.T @ z, dlogit.sum(0)
@@ -197,7 +202,7 @@ def _gate_forward(ctx, v, tensors, batch1, batch2, eps1, eps2, factors):
     ctx.param_dtypes = [t.dtype for t in tensors[:_NUM_PARAMS]]
     p = GateParams(*[t if t is None or t.dtype == v.dtype else t.to(v.dtype) for t in tensors])
     if ctx.fused:
-        gate, saved = fused_gate_forward(v, p, batch1, batch2, eps1, eps2, *factors)
+        gate, saved = fused_gate_forward(v, p, batch1, batch2, eps1, eps2, *factors, any(ctx.needs_input_grad))
         batch = ()
     else:
         gate, saved, batch = gate_forward(v, p, batch1, batch2, eps1, eps2)
