@@ -148,11 +148,10 @@ def _running_factor(bn):
 
 def _update_running_stats(bn, mean, var, n):
     """What nn.BatchNorm1d does in training mode (unbiased variance, momentum or cumulative)."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+    factor = _running_factor(bn)
+    if factor is None:
         return
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
         unbiased = var * (n / (n - 1))
         bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
