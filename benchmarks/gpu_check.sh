@@ -24,8 +24,9 @@
 # built already), CPU tensors, tiny shapes and steps; it checks the plumbing, not the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# Everything is written to a scratch folder and packed into $OUT/gpu_results.tar.gz on exit,
-# with the few files worth reading at once beside it (the device tool returns at most 8 files).
+# Everything is written to a scratch folder and packed into $OUT/gpu_results.tar.gz after each
+# step and on exit, with the few files worth reading at once beside it (the device tool returns
+# at most 8 files).
 RESULTS=${OUT:-./gpu_results}
 mkdir -p "$RESULTS"
 OUT=$(mktemp -d)
