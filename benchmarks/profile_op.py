@@ -1,7 +1,9 @@
 """Where one MutexAttention / FAB forward+backward spends its time, per provider: wall time
-per step against the GPU's busy time (the sum of its kernels), and the number of launches.
-A step whose wall time is far above its kernel time is bound by the host (Python, dispatch,
-launches), not by the kernels: the case the benchmark's ratios cannot show on their own.
+per step against the GPU's busy time (the sum of its kernels), the number of launches, and
+the time beyond the kernels per launch. A step whose wall time is far above its kernel time
+is bound by the host (Python, dispatch, launches), not by the kernels: the case the
+benchmark's ratios cannot show on their own. (On an H100 VM, 2026-11-28: ~36-41 us per
+launch for compile, native and triton alike; benchmarks/RESULTS.md.)
 
     python benchmarks/profile_op.py --device cuda --shape 32,256,56,56 --dtype bfloat16
 """
@@ -50,7 +52,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"{args.op} {args.shape} {args.dtype} {args.layout} on {args.device}")
-    print(f"{'provider':10s} {'wall ms':>8s} {'kernels ms':>10s} {'launches':>8s}  busiest kernels")
+    print(f"{'provider':10s} {'wall ms':>8s} {'kernels ms':>10s} {'launches':>8s} {'host us/launch':>14s}  busiest kernels")
     for provider in args.providers.split(","):
         if provider not in ("reference", "compile") and provider not in ma.available_backends(args.device):
             print(f"{provider:10s} unavailable here")
@@ -77,7 +79,10 @@ def main() -> None:
             by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 5 / 1e3
         top = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
         tops = "; ".join(f"{name[:40]} {ms:.3f}" for name, ms in top)
-        print(f"{provider:10s} {statistics.median(walls):8.3f} {busy:10.3f} {len(kernels) // 5:8d}  {tops}")
+        wall, launches = statistics.median(walls), len(kernels) // 5
+        # what the GPU waits for, per launch: the step's cost beyond its kernels
+        per_launch = f"{(wall - busy) * 1e3 / launches:14.0f}" if launches else f"{'-':>14s}"
+        print(f"{provider:10s} {wall:8.3f} {busy:10.3f} {launches:8d} {per_launch}  {tops}")
 
 
 if __name__ == "__main__":
