@@ -8,6 +8,11 @@ Providers (`--providers`, comma list; default `auto`):
   native       the C++/CUDA extension
   triton       the Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, where `auto`
                skips it because interpreter timings mean nothing — name it to run it anyway)
+  floor        not the op: the op's minimal traffic (PASSES below) done by torch's own
+               streaming kernels with no arithmetic (x.sum() for a pass that only reads,
+               torch.add(a, b) / a.clone() for one that writes). No implementation within SPEC
+               §1's pass budget beats it on this machine, so its "vs compile" is the most that
+               any kernel could gain over torch.compile here, measured in the same run.
 A provider that cannot run here is skipped with the reason printed; one that fails on a case
 is reported (FAILED ...) and the run goes on.
 
@@ -83,7 +88,7 @@ STAGE_STRIDE_STEPS = {"stem": 2, "layer1": 2, "layer2": 3, "layer3": 4, "layer4"
 SHAPE_SETS = {"stages": list(STAGES), "paper": list(STAGES) + ["layer1@512"]}
 OPS = ("mutex_attention", "mab", "fab")
 MODES = ("forward", "backward", "full")
-PROVIDERS = ("reference", "compile", "compile-max", "native", "triton")
+PROVIDERS = ("reference", "compile", "compile-max", "native", "triton", "floor")
 COMPILE_MODES = {"compile": None, "compile-max": "max-autotune-no-cudagraphs"}
 # Minimal full-tensor passes (reads + writes of [N, C, H, W] tensors), SPEC §1; see the docstring.
 PASSES = {
@@ -92,6 +97,14 @@ PASSES = {
     ("mutex_attention", "forward"): 5, ("mutex_attention", "backward"): 8,
     ("mutex_attention", "full"): 13,
 }
+# The floor provider's passes: tensors read by a reduction, then outputs written from inputs
+# (torch.add of two, clone of one); they add up to PASSES (tests/test_benchmarks.py checks).
+FLOOR_TRAFFIC = {
+    "mab": {"forward": ((), (("x", "y"),)), "backward": ((), (("dout", "x"), ("y",)))},
+    "mutex_attention": {"forward": (("x", "y"), (("x", "y"),)),
+                        "backward": (("dout", "x", "y"), (("dout", "x"), ("y",)))},
+}
+FLOOR_TRAFFIC["fab"] = FLOOR_TRAFFIC["mab"]  # (the Case's x is fab's am)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = ("contiguous", "channels_last")
 # The first columns are those of the earlier CSV, in the same order.
@@ -360,7 +373,7 @@ def expand_shapes(shapes: str | None, batches: list[int], sizes: list[int],
 def resolve_providers(requested: str, device: torch.device) -> tuple[list[str], dict[str, str]]:
     """(providers to run, {skipped provider: why})."""
     auto = requested.strip() == "auto"
-    names = ["reference", "compile", "native", "triton"] if auto else [
+    names = ["reference", "compile", "native", "triton", "floor"] if auto else [
         p.strip() for p in requested.split(",") if p.strip()]
     if auto and device.type == "cuda":
         names.insert(2, "compile-max")
@@ -368,7 +381,7 @@ def resolve_providers(requested: str, device: torch.device) -> tuple[list[str], 
     for name in names:
         if name not in PROVIDERS:
             raise SystemExit(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)} or auto")
-        backend = "reference" if name in COMPILE_MODES else name
+        backend = "reference" if name in COMPILE_MODES or name == "floor" else name
         reason = unavailable_reason(backend, device)
         if reason is None and auto and name == "triton" and device.type == "cpu":
             reason = "on CPU it runs under Triton's interpreter, whose timings mean nothing (name it in --providers to run it anyway)"
@@ -405,8 +418,20 @@ class Case:
         torch.manual_seed(1)  # the same inputs for every provider
         gen = lambda: torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt_)  # noqa: E731
         self.x, self.y, self.dout = gen().requires_grad_(), gen().requires_grad_(), gen()
-        self.fn, self.module = make_fn(op, provider, shape[1], device)
+        self.op, self.floor = op, provider == "floor"
+        self.fn, self.module = (None, None) if self.floor else make_fn(op, provider, shape[1], device)
         self.out = None
+
+    def traffic(self, mode):
+        """The floor provider: the passes of FLOOR_TRAFFIC[op][mode], nothing else."""
+        t = {"x": self.x.detach(), "y": self.y.detach(), "dout": self.dout}
+        reads, writes = FLOOR_TRAFFIC[self.op][mode]
+
+        def run():
+            for name in reads:
+                t[name].sum()
+            return [torch.add(t[a], t[b[0]]) if b else t[a].clone() for a, *b in writes]
+        return run
 
     def clear(self):
         self.x.grad = self.y.grad = None
@@ -429,6 +454,10 @@ class Case:
 
     def mode(self, mode):
         """(timed callable, untimed setup) of a mode."""
+        if self.floor:
+            forward, backward = self.traffic("forward"), self.traffic("backward")
+            return {"forward": forward, "backward": backward,
+                    "full": lambda: (forward(), backward())}[mode], None
         return {"forward": (self.forward, None), "full": (self.full, self.clear),
                 "backward": (self.backward, self.fresh_graph)}[mode]
 

@@ -109,7 +109,7 @@ if wanted ops; then
       echo "SKIPPED ops $1 $2: ${secs}s left, under the 45 s a config needs" | tee -a "$OUT/steps.txt"; status=1; continue
     fi
     run "ops $1 $2" "$secs" "$OUT/bench_${1}_${2}.txt" $PY benchmarks/bench_ops.py --device $DEVICE \
-      --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton \
+      --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" --providers reference,compile,native,triton,floor \
       --dtype "$1" --layout "$2" --reps $REPS --time-budget $((secs > 35 ? secs - 25 : 10)) --csv "$OUT/ops.csv"
   done
 fi
@@ -134,7 +134,7 @@ if wanted max && [ $(( BUDGET - SECONDS - 25 )) -ge 100 ]; then
   secs=$(limit 240 25)
   run "ops compile-max" "$secs" "$OUT/bench_bfloat16_channels_last_max.txt" $PY benchmarks/bench_ops.py \
     --device $DEVICE --batch $BATCH --size $SIZE --shapes stages --ops "$OPS" \
-    --providers reference,compile,compile-max,native,triton --dtype bfloat16 --layout channels_last \
+    --providers reference,compile,compile-max,native,triton,floor --dtype bfloat16 --layout channels_last \
     --reps $REPS --time-budget $((secs - 30)) --csv "$OUT/ops.csv"
 elif wanted max; then
   echo "compile-max run left out: under 100 s left" | tee -a "$OUT/steps.txt"

@@ -33,9 +33,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 OPS_KEY = ("device", "op", "shape", "mode", "provider", "dtype", "layout")
 TRAIN_KEY = ("device", "model", "backend", "compiled", "amp", "layout", "batch", "size")
-PROVIDER_ORDER = ("reference", "compile", "compile-max", "native", "triton")
+# floor = bench_ops' memory-traffic floor (not an implementation): the bar no kernel passes.
+PROVIDER_ORDER = ("reference", "compile", "compile-max", "native", "triton", "floor")
 COLORS = {"reference": "#7f7f7f", "compile": "#1f77b4", "compile-max": "#17becf",
-          "native": "#d62728", "triton": "#2ca02c", "-": "#9467bd"}
+          "native": "#d62728", "triton": "#2ca02c", "floor": "#c7c7c7", "-": "#9467bd"}
 
 
 def read_csv(path) -> list[dict]:
@@ -228,7 +229,8 @@ def summary_ops(rows: list[dict]) -> str:
             for p in others:
                 r = by.get((op, shape, p), {})
                 cells += [fmt_x(num(r.get("speedup_vs_eager"))), fmt_x(num(r.get("speedup_vs_compile")))]
-            pct = [num(by[(op, shape, p)].get("pct_copy")) for p in providers if (op, shape, p) in by]
+            pct = [num(by[(op, shape, p)].get("pct_copy")) for p in providers
+                   if (op, shape, p) in by and p != "floor"]
             pct = [v for v in pct if not math.isnan(v)]
             cells.append(f"{max(pct):.0f}%" if pct else "-")
             lines.append("| " + " | ".join(cells) + " |")

@@ -26,7 +26,7 @@ plot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plot)
 
 NATIVE = "native" in ma.available_backends("cpu")
-PROVIDERS = "reference,native" if NATIVE else "reference"
+PROVIDERS = "reference,native,floor" if NATIVE else "reference,floor"
 KEEP_THREADS = ["--threads", "1"]  # one thread: no stalls on a shared machine (restored below)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +90,25 @@ def test_bench_ops_writes_one_row_per_case(ops_csv):
             assert float(r["speedup_vs_eager"]) == pytest.approx(float(ref["median_ms"]) / med, rel=1e-2)
 
 
+def test_floor_provider_moves_exactly_the_minimal_passes():
+    for (op, mode), passes in bench_ops.PASSES.items():
+        parts = ["forward", "backward"] if mode == "full" else [mode]
+        moved = 0
+        for part in parts:
+            reads, writes = bench_ops.FLOOR_TRAFFIC[op][part]
+            moved += len(reads) + sum(len(w) + 1 for w in writes)  # inputs read + one output
+        assert moved == passes, (op, mode)
+    case = bench_ops.Case("mutex_attention", "floor", (2, 8, 4, 4), torch.device("cpu"),
+                          torch.float32, "channels_last")
+    dx, dy = case.traffic("backward")()
+    torch.testing.assert_close(dx, case.dout + case.x.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(dy, case.y.detach(), rtol=0, atol=0)
+    assert dy.data_ptr() != case.y.data_ptr()  # written, not aliased
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (dx, dy))
+    full, setup = case.mode("full")
+    assert setup is None and len(full()[0]) == 1  # forward's one output, then backward's two
+
+
 def test_bench_ops_compile_provider_and_layouts(tmp_path):
     path = tmp_path / "ops.csv"
     rows = bench_ops.main(["--shape", "2,8,4,4", "--ops", "mab", "--providers", "reference,compile",
@@ -134,7 +153,7 @@ def test_providers_skip_with_a_reason():
     run, skipped = bench_ops.resolve_providers("auto", torch.device("cpu"))
     assert run[:2] == ["reference", "compile"] and "compile-max" not in run + list(skipped)
     assert "triton" in skipped and skipped["triton"]
-    assert ("native" in run) == NATIVE
+    assert ("native" in run) == NATIVE and run[-1] == "floor"
     run, _ = bench_ops.resolve_providers("reference,compile-max", torch.device("cpu"))
     assert run == ["reference", "compile-max"]
     with pytest.raises(SystemExit):
