@@ -109,6 +109,17 @@ def test_floor_provider_moves_exactly_the_minimal_passes():
     assert setup is None and len(full()[0]) == 1  # forward's one output, then backward's two
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+def test_cpu_breakdown_splits_native_into_kernels_and_the_rest(capsys):
+    import cpu_breakdown
+    got = cpu_breakdown.main(["--shape", "2,8,6,6", "--reps", "3", *KEEP_THREADS])
+    assert {"compile", "native", "floor", "kernels", "around", "K1", "K2", "K3", "K4"} <= set(got)
+    assert all(got[k] > 0 for k in ("compile", "native", "floor", "K1", "K2", "K3", "K4"))
+    assert got["kernels"] < got["native"]  # four row kernels of a tiny shape inside a whole step
+    assert got["around"] == pytest.approx(got["native"] - got["kernels"])
+    assert "floor vs compile" in capsys.readouterr().out
+
+
 def test_bench_ops_compile_provider_and_layouts(tmp_path):
     path = tmp_path / "ops.csv"
     rows = bench_ops.main(["--shape", "2,8,4,4", "--ops", "mab", "--providers", "reference,compile",
