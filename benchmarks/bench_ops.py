@@ -10,9 +10,10 @@ Providers (`--providers`, comma list; default `auto`):
                skips it because interpreter timings mean nothing — name it to run it anyway)
   floor        not the op: the op's minimal traffic (PASSES below) done by torch's own
                streaming kernels with no arithmetic (x.sum() for a pass that only reads,
-               torch.add(a, b) / a.clone() for one that writes). No implementation within SPEC
-               §1's pass budget beats it on this machine, so its "vs compile" is the most that
-               any kernel could gain over torch.compile here, measured in the same run.
+               torch.add(a, b) / a.clone() for one that writes). Those kernels stream near the
+               machine's memory bandwidth, so no implementation within SPEC §1's pass budget
+               does much better: its "vs compile" is about the most any kernel could gain over
+               torch.compile here, measured in the same run.
 A provider that cannot run here is skipped with the reason printed; one that fails on a case
 is reported (FAILED ...) and the run goes on.
 
